@@ -1,0 +1,178 @@
+"""Per-sample bookkeeping shared by every solver.
+
+A solver keeps its own state (history, Jacobian estimate) for the *active* samples only, as
+rows of (n, ...) tensors. `Loop` evaluates `f` on those rows, scores each iterate, keeps the
+best iterate of every sample, decides which samples stop (converged, diverged, max_iter),
+and tells the solver which rows to keep so the solver can compact its own state.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from .result import SolverResult
+
+STOP_MODES = ("abs", "rel")
+
+
+def check_common(z0: Tensor, tol: float, max_iter: int, stop_mode: str, divergence_ratio: float) -> None:
+    """Fail at once, with the offending value, on options every solver shares."""
+    if not isinstance(z0, Tensor):
+        raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
+    if z0.dim() < 1:
+        raise ValueError("z0 must have a leading batch dimension, got a 0-d tensor")
+    if not z0.is_floating_point():
+        raise TypeError(f"z0 must be a floating-point tensor, got {z0.dtype}")
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}")
+    if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol must be a positive finite number, got {tol!r}")
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    if not (isinstance(divergence_ratio, (int, float)) and divergence_ratio > 1):
+        raise ValueError(f"divergence_ratio must be a number > 1, got {divergence_ratio!r}")
+
+
+class Loop:
+    """Evaluate `f` on the active samples and keep score; see the module docstring.
+
+    f:        maps (B, ...) to (B, ...). With `subbatch=True` it is called as `f(z, idx)` on the
+              active rows only, `idx` (n,) holding their positions in the original batch, so a
+              cell that closes over per-sample inputs can select `x[idx]`.
+    divergence_ratio: a sample is declared diverged when its norm exceeds this many times
+              max(||z0||, ||f(z0)||), or its absolute residual this many times its first one.
+    """
+
+    def __init__(
+        self,
+        f: Callable[..., Tensor],
+        z0: Tensor,
+        *,
+        tol: float,
+        max_iter: int,
+        stop_mode: str,
+        subbatch: bool,
+        divergence_ratio: float,
+        solver: str,
+    ):
+        check_common(z0, tol, max_iter, stop_mode, divergence_ratio)
+        self.f, self.tol, self.max_iter, self.stop_mode = f, float(tol), max_iter, stop_mode
+        self.subbatch, self.divergence_ratio, self.solver = subbatch, float(divergence_ratio), solver
+        self.shape = z0.shape
+        b = z0.shape[0]
+        z0 = z0.detach().reshape(b, -1)  # (B, D)
+        dev = z0.device
+        self.z0 = z0
+        self.active = torch.arange(b, device=dev)  # (n,) positions of the active rows
+        self.best_z = z0.clone()
+        self.best = torch.full((b,), math.inf, dtype=z0.dtype, device=dev)  # residual in stop_mode
+        self.best_abs = torch.full_like(self.best, math.inf)
+        self.best_rel = torch.full_like(self.best, math.inf)
+        self.n_steps = torch.zeros(b, dtype=torch.long, device=dev)
+        self.converged = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.diverged = torch.zeros_like(self.converged)
+        self.nonfinite = torch.zeros_like(self.converged)
+        self.scale = torch.zeros_like(self.best)  # max(||z0||, ||f(z0)||)
+        self.abs0 = torch.zeros_like(self.best)  # first absolute residual
+        self.trace: list[Tensor] = []
+        self.n_f_evals = 0
+        self.n_f_rows = 0
+        # Without sub-batching f sees the whole batch; stopped rows sit at their best iterate.
+        self._full = None if subbatch else z0.clone()
+        self._stop: Tensor | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.active.numel() == 0
+
+    def __call__(self, z: Tensor) -> Tensor:
+        """f on the active rows z (n, D); scores z and marks the rows that must stop."""
+        n = z.shape[0]
+        if self.subbatch:
+            fz = self.f(z.reshape(n, *self.shape[1:]), self.active).reshape(n, -1)
+        elif n == self.shape[0]:
+            fz = self.f(z.reshape(self.shape)).reshape(n, -1)
+        else:
+            self._full[self.active] = z
+            fz = self.f(self._full.reshape(self.shape)).reshape(self.shape[0], -1)[self.active]
+        self.n_f_evals += 1
+        self.n_f_rows += n if self.subbatch else self.shape[0]
+        self._score(z, fz)
+        return fz
+
+    def _score(self, z: Tensor, fz: Tensor) -> None:
+        act = self.active
+        fz_norm = fz.norm(dim=1)
+        abs_res = (fz - z).norm(dim=1)
+        rel_res = abs_res / fz_norm.clamp_min(torch.finfo(fz.dtype).tiny)
+        rel_res = torch.where(abs_res == 0, torch.zeros_like(rel_res), rel_res)
+        res = rel_res if self.stop_mode == "rel" else abs_res
+        self.n_steps[act] += 1
+
+        row = torch.full((self.shape[0],), math.nan, dtype=res.dtype, device=res.device)
+        row[act] = res
+        self.trace.append(row)
+
+        better = res < self.best[act]  # nan compares False
+        if self.n_f_evals == 1:
+            self.scale[act] = torch.maximum(z.norm(dim=1), fz_norm)
+            self.abs0[act] = abs_res
+        upd = act[better]
+        self.best_z[upd] = z[better]
+        self.best[upd] = res[better]
+        self.best_abs[upd] = abs_res[better]
+        self.best_rel[upd] = rel_res[better]
+
+        nonfinite = ~(torch.isfinite(abs_res) & torch.isfinite(fz_norm))
+        scale = self.scale[act]
+        blew_up = ((scale > 0) & (z.norm(dim=1) > self.divergence_ratio * scale)) | (
+            abs_res > self.divergence_ratio * self.abs0[act]
+        )
+        conv = res < self.tol
+        div = ~conv & (nonfinite | blew_up)
+        self.converged[act] = conv
+        self.diverged[act] = div
+        self.nonfinite[act] = nonfinite
+        stop = conv | div
+        if self.n_f_evals >= self.max_iter:
+            stop = torch.ones_like(stop)
+        self._stop = stop
+
+    def drop(self) -> Tensor | None:
+        """Retire the rows marked by the last evaluation.
+
+        Returns the positions (into the current active rows) of the rows that stay, for the
+        solver to index its own state with, or None when every row stays.
+        """
+        stop = self._stop
+        if stop is None or not bool(stop.any()):
+            return None
+        keep = (~stop).nonzero().squeeze(1)
+        if self._full is not None:
+            gone = self.active[stop]
+            self._full[gone] = self.best_z[gone]
+        self.active = self.active[keep]
+        return keep
+
+    def result(self) -> SolverResult:
+        b = self.shape[0]
+        trace = torch.stack(self.trace, dim=1) if self.trace else self.best.new_zeros(b, 0)
+        return SolverResult(
+            z=self.best_z.reshape(self.shape),
+            converged=self.converged,
+            diverged=self.diverged,
+            nonfinite=self.nonfinite,
+            n_steps=self.n_steps,
+            abs_residual=self.best_abs,
+            rel_residual=self.best_rel,
+            trace=trace,
+            n_f_evals=self.n_f_evals,
+            n_f_rows=self.n_f_rows,
+            stop_mode=self.stop_mode,
+            tol=self.tol,
+            solver=self.solver,
+        )

@@ -1,0 +1,281 @@
+"""Every registered solver against problems with known answers, plus the failure modes."""
+
+import math
+
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+
+from solvers import (SOLVERS, SolverError, Status, UnknownSolverError, get_solver, solve,
+                     solver_options)
+
+F64 = torch.float64
+ALL = sorted(SOLVERS)
+ACCELERATED = ["anderson", "broyden"]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def residual(f, z):
+    """Recomputed relative residual per sample, independent of the solver's bookkeeping."""
+    fz = f(z)
+    return ((fz - z).flatten(1).norm(dim=1) / fz.flatten(1).norm(dim=1))
+
+
+def contractive_affine(b=4, d=6, lip=0.7, seed=0):
+    """f(z) = z A^T + c with ||A||_2 = lip; z* = (I - A)^{-1} c exactly."""
+    g = gen(seed)
+    a = torch.randn(d, d, generator=g, dtype=F64)
+    a = lip * a / torch.linalg.matrix_norm(a, 2)
+    c = torch.randn(b, d, generator=g, dtype=F64)
+    z_star = torch.linalg.solve(torch.eye(d, dtype=F64) - a, c.T).T
+    return (lambda z: z @ a.T + c), z_star
+
+
+def tanh_layer(b=3, d=5, seed=1):
+    g = gen(seed)
+    w = 0.8 * torch.randn(d, d, generator=g, dtype=F64) / math.sqrt(d)
+    c = torch.randn(b, d, generator=g, dtype=F64)
+    return (lambda z: torch.tanh(z @ w.T + c)), w.numpy(), c.numpy()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_cos_fixed_point(name):
+    z0 = torch.tensor([0.0, 1.0, -1.0], dtype=F64)  # batch of scalars, shape (B,)
+    r = solve(torch.cos, z0, method=name, tol=1e-12, max_iter=300)
+    assert r.status is Status.CONVERGED, r.message
+    assert torch.allclose(r.z, torch.full_like(z0, 0.7390851332151607), atol=1e-11)
+    assert r.z.shape == z0.shape
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_contractive_affine_exact(name):
+    f, z_star = contractive_affine()
+    r = solve(f, torch.zeros_like(z_star), method=name, tol=1e-11, max_iter=300)
+    assert r.converged.all(), r.message
+    assert torch.allclose(r.z, z_star, atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_tanh_layer_against_scipy_root(name):
+    f, w, c = tanh_layer()
+    r = solve(f, torch.zeros(c.shape, dtype=F64), method=name, tol=1e-12, max_iter=300)
+    assert r.converged.all(), r.message
+    for b in range(c.shape[0]):
+        sol = scipy.optimize.root(lambda z: np.tanh(w @ z + c[b]) - z, np.zeros(c.shape[1]), tol=1e-14)
+        assert sol.success
+        np.testing.assert_allclose(r.z[b].numpy(), sol.x, atol=1e-10)
+
+
+@pytest.mark.parametrize("name", ACCELERATED)
+def test_accelerated_solvers_beat_plain_iteration_on_slow_map(name):
+    """Symmetric A with eigenvalues up to 0.98: plain iteration needs ~900 steps for 1e-8."""
+    d = 16
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=gen(3), dtype=F64))
+    a = q @ torch.diag(torch.linspace(0.0, 0.98, d, dtype=F64)) @ q.T
+    c = torch.randn(4, d, generator=gen(4), dtype=F64)
+    f = lambda z: z @ a + c
+    z0 = torch.zeros(4, d, dtype=F64)
+    plain = solve(f, z0, method="fixed_point_iter", tol=1e-8, max_iter=2000)
+    fast = solve(f, z0, method=name, tol=1e-8, max_iter=2000)
+    assert plain.converged.all() and fast.converged.all()
+    assert fast.n_f_evals * 10 < plain.n_f_evals, (fast.n_f_evals, plain.n_f_evals)
+
+
+@pytest.mark.parametrize("name", ACCELERATED)
+def test_hard_map_where_plain_iteration_fails(name):
+    """tanh(W z + c), W symmetric with eigenvalues down to -1.8: plain iteration oscillates."""
+    d, b = 32, 4
+    g = gen(7)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    w = q @ torch.diag(torch.linspace(-1.8, 0.9, d, dtype=F64)) @ q.T
+    c = torch.randn(b, d, generator=g, dtype=F64)
+    f = lambda z: torch.tanh(z @ w + c)
+    plain = solve(f, torch.zeros(b, d, dtype=F64), method="fixed_point_iter", tol=1e-8, max_iter=200)
+    assert plain.status is Status.MAX_ITER and not plain.converged.any()
+    r = solve(f, torch.zeros(b, d, dtype=F64), method=name, tol=1e-8, max_iter=200)
+    assert r.status is Status.CONVERGED, r.message
+    assert (residual(f, r.z) < 1e-8).all()
+
+
+def per_sample_speeds(b=6, d=16):
+    """Sample i is z -> tanh(s_i A z + c_i), s_i from 0.05 to 0.95: very different speeds."""
+    g = gen(11)
+    a = torch.randn(d, d, generator=g, dtype=F64)
+    a = a / torch.linalg.matrix_norm(a, 2)
+    scale = torch.linspace(0.05, 0.95, b, dtype=F64)[:, None]
+    c = torch.randn(b, d, generator=g, dtype=F64)
+    calls = []
+
+    def f(z, idx=None):
+        calls.append(None if idx is None else idx.clone())
+        s, cc = (scale, c) if idx is None else (scale[idx], c[idx])
+        return torch.tanh(s * (z @ a.T) + cc)
+
+    return f, calls
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_per_sample_convergence_freezes_finished_samples(name):
+    f, _ = per_sample_speeds()
+    z0 = torch.zeros(6, 16, dtype=F64)
+    batch = solve(f, z0, method=name, tol=1e-10, max_iter=500)
+    assert batch.converged.all()
+    steps = batch.n_steps.tolist()
+    assert steps[0] < steps[-1], steps  # the most contractive sample stops first
+    assert batch.trace.shape == (6, batch.n_f_evals)
+    for i in range(6):
+        assert torch.isfinite(batch.trace[i, : steps[i]]).all()
+        assert torch.isnan(batch.trace[i, steps[i]:]).all()
+    # A sample's answer and step count do not depend on the slower samples beside it.
+    for i in (0, 5):
+        alone = solve(lambda z: f(z, torch.tensor([i])), z0[i:i + 1], method=name, tol=1e-10, max_iter=500)
+        assert alone.n_steps.item() == steps[i]
+        assert torch.allclose(alone.z[0], batch.z[i], atol=1e-13, rtol=0)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_subbatch_evaluates_only_active_samples(name):
+    f, calls = per_sample_speeds()
+    z0 = torch.zeros(6, 16, dtype=F64)
+    whole = solve(f, z0, method=name, tol=1e-10, max_iter=500)
+    calls.clear()
+    sub = solve(f, z0, method=name, tol=1e-10, max_iter=500, subbatch=True)
+    assert torch.equal(sub.n_steps, whole.n_steps)
+    assert torch.allclose(sub.z, whole.z, atol=1e-13, rtol=0)
+    sizes = [len(idx) for idx in calls]
+    assert sizes[0] == 6 and sizes[-1] < 6 and sizes == sorted(sizes, reverse=True), sizes
+    assert sub.n_f_rows == sum(sizes) == int(sub.n_steps.sum())
+    assert whole.n_f_rows == 6 * whole.n_f_evals > sub.n_f_rows
+    # idx names exactly the samples still running.
+    for k, idx in enumerate(calls):
+        assert idx.tolist() == [i for i in range(6) if sub.n_steps[i] > k]
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_reported_residual_is_that_of_returned_z(name):
+    f, w, c = tanh_layer(b=4, d=8, seed=5)
+    r = solve(f, torch.zeros(4, 8, dtype=F64), method=name, tol=1e-5, max_iter=40)
+    fz = f(r.z)
+    abs_res = (fz - r.z).norm(dim=1)
+    torch.testing.assert_close(r.abs_residual, abs_res, rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(r.rel_residual, abs_res / fz.norm(dim=1), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(r.residual, r.rel_residual)
+
+
+def test_damped_iteration_reports_true_residual_not_damped_step():
+    f, z_star = contractive_affine(lip=0.5)
+    r = solve(f, torch.zeros_like(z_star), method="fixed_point_iter", tau=0.3, tol=1e-9, max_iter=500)
+    assert r.converged.all()
+    # A damped step is tau times shorter than the residual: a solver that reported the step
+    # would claim convergence at z with ||f(z) - z|| ~ 3x tol.
+    assert (residual(f, r.z) < 1e-9).all()
+    assert torch.allclose(r.z, z_star, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_stop_mode_is_honoured(name):
+    """A map of scale 1e4 started 1 away from its fixed point: rel 1e-3 holds at once, abs does not."""
+    f, z_star = contractive_affine(b=2, d=4, lip=0.6, seed=2)
+    z0 = z_star + 1.0
+    g = lambda z: f(z - 1e4) + 1e4  # fixed point z_star + 1e4
+    z0 = z0 + 1e4
+    rel = solve(g, z0, method=name, tol=1e-3, max_iter=500, stop_mode="rel")
+    abs_ = solve(g, z0, method=name, tol=1e-3, max_iter=500, stop_mode="abs")
+    assert rel.n_f_evals == 1 and rel.converged.all()
+    assert (rel.abs_residual > 1e-3).all() and (rel.rel_residual < 1e-3).all()
+    assert abs_.n_f_evals > 1 and abs_.converged.all() and (abs_.abs_residual < 1e-3).all()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_divergent_map_reports_divergence(name):
+    r = solve(lambda z: 2.0 * z + 1.0, torch.zeros(3, 2, dtype=F64), method=name, max_iter=200)
+    if r.status is Status.CONVERGED:  # z = -1 is a repelling fixed point Newton-like methods may find
+        assert name != "fixed_point_iter"
+        assert torch.allclose(r.z, torch.full_like(r.z, -1.0))
+    else:
+        assert r.status is Status.DIVERGED, r.message
+        assert r.diverged.all() and not r.converged.any()
+        assert "diverged" in r.message
+        assert r.n_f_evals < 200  # stopped early, not at max_iter
+        with pytest.raises(SolverError, match="DIVERGED"):
+            r.raise_for_status()
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_growing_map_with_no_fixed_point_is_not_called_converged(name):
+    """z -> z + 1 has no fixed point, yet its relative residual 1/||z|| shrinks as z grows."""
+    r = solve(lambda z: z + 1.0, torch.zeros(2, 3, dtype=F64), method=name, tol=1e-6, max_iter=100)
+    assert not r.converged.any()
+    assert r.status in (Status.DIVERGED, Status.MAX_ITER), r.message
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_nonfinite_values_are_caught_per_sample(name):
+    def f(z):
+        out = 0.5 * z + 1.0
+        return torch.cat([out[:1], torch.sqrt(out[1:2] - 10.0), out[2:]])  # sample 1: nan
+
+    r = solve(f, torch.zeros(3, 2, dtype=F64), method=name, tol=1e-10, max_iter=200)
+    assert r.status is Status.NONFINITE, r.message
+    assert r.nonfinite.tolist() == [False, True, False]
+    assert r.converged.tolist() == [True, False, True]
+    assert torch.isfinite(r.z).all()  # the nan never lands in the returned iterate
+    assert torch.allclose(r.z[0], torch.full((2,), 2.0, dtype=F64))
+    assert "non-finite" in r.message
+
+
+def test_max_iter_status_and_message():
+    f, z_star = contractive_affine(lip=0.9)
+    r = solve(f, torch.zeros_like(z_star), method="fixed_point_iter", tol=1e-12, max_iter=5)
+    assert r.status is Status.MAX_ITER
+    assert r.n_f_evals == 5 and (r.n_steps == 5).all()
+    assert "stopped at max_iter" in r.message and "0/4" in r.message
+    with pytest.raises(SolverError):
+        r.raise_for_status()
+
+
+def test_unknown_solver_name_lists_choices():
+    with pytest.raises(UnknownSolverError) as e:
+        get_solver("andersen")
+    msg = str(e.value)
+    assert "did you mean 'anderson'" in msg
+    for name in ALL:
+        assert name in msg
+    with pytest.raises(KeyError):  # still a KeyError for callers that catch that
+        solve(torch.cos, torch.zeros(2), method="newton")
+
+
+def test_misspelled_option_raises_with_valid_options():
+    with pytest.raises(TypeError, match=r"no option 'stop_mod'.*did you mean 'stop_mode'"):
+        solve(torch.cos, torch.zeros(2), method="anderson", stop_mod="rel")
+    with pytest.raises(TypeError, match="valid options: .*tau"):
+        solve(torch.cos, torch.zeros(2), method="fixed_point_iter", lam=1e-4)
+    assert "reg" in solver_options("anderson") and "m" in solver_options("broyden")
+
+
+@pytest.mark.parametrize("bad", [dict(tol=0), dict(tol=float("nan")), dict(max_iter=0),
+                                 dict(max_iter=2.5), dict(stop_mode="relative"),
+                                 dict(divergence_ratio=0.5)])
+@pytest.mark.parametrize("name", ALL)
+def test_bad_option_values_fail_at_once(name, bad):
+    with pytest.raises(ValueError):
+        solve(torch.cos, torch.zeros(2), method=name, **bad)
+
+
+def test_bad_z0_fails_at_once():
+    with pytest.raises(TypeError, match="floating-point"):
+        solve(torch.cos, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch dimension"):
+        solve(torch.cos, torch.tensor(0.0))
+
+
+def test_anderson_survives_singular_least_squares():
+    """Every sample sits in a 1-d affine subspace: residual differences are collinear."""
+    c = torch.tensor([[1.0, 2.0, 3.0, 4.0]], dtype=F64).repeat(3, 1)
+    r = solve(lambda z: 0.5 * z.sum(1, keepdim=True).expand_as(z) / 4 + c, torch.zeros(3, 4, dtype=F64),
+              method="anderson", reg=0.0, tol=1e-10, max_iter=100)
+    assert r.status is Status.CONVERGED, r.message
