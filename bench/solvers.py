@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -135,17 +136,21 @@ def transformer(outer_norm: bool, seed: int = 2, d: int = 128, heads: int = 4, t
                    f"T={t}, B={b}", f, torch.zeros(b, t, d, dtype=DTYPE), max_iter=100)
 
 
-def mixed_tanh_stack(seed: int = 3, d: int = 1024, b: int = 64, depth: int = 4, n_fast: int = 48,
-                     fast: float = 0.2, slow: float = 0.97) -> Problem:
-    """Halting family: f(z) = L_depth(...L_2(tanh(s_b z W_1^T + c_b))), L_k(h) = tanh(h W_k^T).
+def mixed_tanh_stack(seed: int = 3, d: int = 512, t: int = 16, b: int = 64, depth: int = 4,
+                     n_fast: int = 48, fast: float = 0.2, slow: float = 0.97,
+                     c_scale: float = 0.3) -> Problem:
+    """Halting family on (B, T, d) tokens: f(z) = L_depth(...L_2(tanh(s_b z W_1^T + c_b))),
+    L_k(h) = tanh(h W_k^T), every W_k orthogonal.
 
-    Every W_k has ||W_k||_2 = 1, so sample b's map is s_b-Lipschitz: s_b = `fast` for the
-    first `n_fast` samples, `slow` for the rest. s is a (B, 1) factor so f(z, idx) selects rows.
+    Sample b's map is s_b-Lipschitz (s_b = `fast` for the first `n_fast` samples, `slow` for
+    the rest) and, with small c, nearly that slow: tanh is close to the identity there.
+    s is a (B, 1, 1) factor so f(z, idx) can select rows. Depth and T make f cost
+    depth * T * d^2 multiply-adds per sample, so f dominates the solver's own work.
     """
     g = torch.Generator().manual_seed(seed)
-    ws = [_spectral_unit(torch.randn(d, d, generator=g, dtype=DTYPE)) for _ in range(depth)]
-    c = torch.randn(b, d, generator=g, dtype=DTYPE)
-    s = torch.full((b, 1), slow, dtype=DTYPE)
+    ws = [torch.linalg.qr(torch.randn(d, d, generator=g, dtype=DTYPE))[0] for _ in range(depth)]
+    c = c_scale * torch.randn(b, t, d, generator=g, dtype=DTYPE)
+    s = torch.full((b, 1, 1), slow, dtype=DTYPE)
     s[:n_fast] = fast
 
     def f(z, idx=None):
@@ -154,9 +159,9 @@ def mixed_tanh_stack(seed: int = 3, d: int = 1024, b: int = 64, depth: int = 4, 
             h = torch.tanh(h @ w.T)
         return h
 
-    return Problem("halt", f"halting: {depth}-layer tanh stack, d={d}, B={b}, per-sample "
-                   f"Lipschitz {fast} ({n_fast} samples) / {slow} ({b - n_fast} samples)",
-                   f, torch.zeros(b, d, dtype=DTYPE), max_iter=300)
+    return Problem("halt", f"halting: {depth}-layer orthogonal tanh stack on (B={b}, T={t}, "
+                   f"d={d}), per-sample Lipschitz {fast} ({n_fast} samples) / {slow} "
+                   f"({b - n_fast} samples)", f, torch.zeros(b, t, d, dtype=DTYPE), max_iter=300)
 
 
 # --------------------------------------------------------------------------------------------
@@ -191,7 +196,7 @@ SPEC = {s.label: s for s in SPECS}
 @dataclass
 class Solved:
     z: Tensor
-    status: str  # our SolverResult.status name; "-" for torchdeq
+    status: str  # ours: SolverResult.status name with per-sample counts; torchdeq: "-"
 
 
 def run_solver(spec: SolverSpec, f: Callable, z0: Tensor, tol: float, max_iter: int,
@@ -199,7 +204,8 @@ def run_solver(spec: SolverSpec, f: Callable, z0: Tensor, tol: float, max_iter: 
     if spec.ours:
         res = solvers.solve(f, z0, method=spec.method, tol=tol, max_iter=max_iter,
                             stop_mode="rel", subbatch=subbatch, **spec.options)
-        return Solved(res.z, res.status.name)
+        counts = f"conv {int(res.converged.sum())}, div {int(res.diverged.sum())}"
+        return Solved(res.z, f"{res.status.name} ({counts})")
     z, _, _ = tdsolver.get_solver(spec.method)(f, z0, max_iter=max_iter, tol=tol,
                                                 stop_mode="rel", **spec.options)
     return Solved(z, "-")
@@ -241,9 +247,9 @@ def quality(f: Callable, z: Tensor) -> dict:
 
 
 def measure(spec: SolverSpec, prob: Problem, tol: float, repeats: int, warmup: int,
-            subbatch: bool = False, max_iter: int | None = None) -> dict:
+            subbatch: bool = False) -> dict:
     """Time `spec` on `prob` (median of `repeats` after `warmup`), count f, check the result."""
-    max_iter = max_iter or prob.max_iter
+    max_iter = prob.max_iter
     fc = CountedF(prob.f)
     row = {"problem": prob.key, "solver": spec.label, "tol": tol, "max_iter": max_iter,
            "subbatch": subbatch}
@@ -322,7 +328,7 @@ def peak_alloc_bytes(fn: Callable[[], object]) -> int:
 def broyden_memory(prob: Problem, tol: float) -> list[dict]:
     """Measured peak allocation of each Broyden solve on `prob`, next to its history size."""
     b, d = prob.z0.shape[0], prob.z0[0].numel()
-    m = 20  # our default
+    m = inspect.signature(solvers.broyden).parameters["m"].default
     history = {  # two (B, rank, D) float32 buffers each: ours U, V; torchdeq Us, VTs
         "ours broyden": 2 * b * m * d * 4,
         "torchdeq broyden": 2 * b * prob.max_iter * d * 4,
@@ -379,7 +385,9 @@ def _target(name: str, value: float, limit: float, fmt: str = "{:.3g}") -> dict:
 def targets(rows: list[dict], halt_rows: list[dict]) -> list[dict]:
     nan = math.nan
     out = []
-    get = lambda p, s, t, k: _find(rows, p, s, t).get(k, nan)  # noqa: E731
+
+    def get(problem: str, solver: str, tol: float, key: str) -> float:
+        return _find(rows, problem, solver, tol).get(key, nan)
 
     if _find(rows, "c", "ours anderson", 1e-6):
         td = [r for r in rows if r["problem"] == "c" and r["tol"] == 1e-6
@@ -403,8 +411,8 @@ def targets(rows: list[dict], halt_rows: list[dict]) -> list[dict]:
     ours_d = [r for r in rows if r["problem"] == "d" and r["solver"].startswith("ours")]
     if ours_d:
         errors = [f"{r['solver']}@{r['tol']:g}: {r['error']}" for r in ours_d if "error" in r]
-        statuses = sorted({f"{r['solver'].split()[1]}={r['status']}" for r in ours_d
-                           if "status" in r})
+        statuses = [f"{r['solver'].split()[1]}@{r['tol']:g}={r['status']}" for r in ours_d
+                    if "status" in r]
         out.append({"target": "(d) no exception from ours, status reported",
                     "value": len(errors), "limit": 0, "pass": not errors,
                     "text": "; ".join(errors) if errors else ", ".join(statuses)})
@@ -443,7 +451,7 @@ def _cells(r: dict) -> list[str]:
 MAIN_COLS = ["solver", "tol", "evals", "batch-eq evals", "wall ms", "in-f ms", "overhead",
              "ok@1e-4", "ok@1e-6", "max||z||", "max rel res", "status/error"]
 HALT_COLS = ["solver", "mode", "evals", "f rows", "batch-eq evals", "wall ms", "in-f ms",
-             "ok@1e-4", "ok@1e-6", "wall / whole", "status/error"]
+             "in-f %", "ok@1e-4", "ok@1e-6", "wall / whole", "status/error"]
 MEM_COLS = ["solver", "max_iter", "peak alloc MiB (measured)", "history MiB (computed)",
             "one f call MiB"]
 TARGET_COLS = ["target", "measured", "result"]
@@ -452,10 +460,11 @@ TARGET_COLS = ["target", "measured", "result"]
 def _halt_cells(r: dict) -> list[str]:
     head = [r["method"], r["mode"], str(r["evals"])]
     if "error" in r:
-        return head + ["-"] * 7 + [r["error"]]
+        return head + ["-"] * 8 + [r["error"]]
     return head + [
         str(r["f_rows"]), _num(r["batch_equiv_evals"], "{:.1f}"), _num(r["wall_ms"], "{:.1f}"),
-        _num(r["in_f_ms"], "{:.1f}"), _num(r["ok@0.0001"], "{:.2f}"), _num(r["ok@1e-06"], "{:.2f}"),
+        _num(r["in_f_ms"], "{:.1f}"), _num(100 - r["overhead_pct"], "{:.0f}%"),
+        _num(r["ok@0.0001"], "{:.2f}"), _num(r["ok@1e-06"], "{:.2f}"),
         _num(r["wall_ratio_vs_whole"], "{:.2f}"), r["status"],
     ]
 
@@ -500,16 +509,18 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path, help="write every number to this file")
     args = ap.parse_args(argv)
 
-    repeats, warmup = (1, 0) if args.quick else (5, 1)
+    repeats, warmup = (1, 1) if args.quick else (5, 1)
     tols = (1e-6,) if args.quick else TOLS
     halt_tol = 1e-6
     t_start = time.perf_counter()
 
     problems = [tanh_layer(), hard_map(), transformer(outer_norm=True),
                 transformer(outer_norm=False)]
-    halt_prob = mixed_tanh_stack(depth=2 if args.quick else 4)
+    halt_prob = mixed_tanh_stack()
+    load_start = os.getloadavg()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "
-          f"stop_mode=rel, timing: median of {repeats} after {warmup} warm-up")
+          f"stop_mode=rel, timing: median of {repeats} after {warmup} warm-up; "
+          f"load average at start {load_start[0]:.2f}")
 
     rows: list[dict] = []
     with torch.no_grad():
@@ -533,7 +544,9 @@ def main(argv: list[str] | None = None) -> None:
     tgt = targets(rows, halt_rows)
     print_table("Targets", TARGET_COLS, [_target_cells(t) for t in tgt])
     total = time.perf_counter() - t_start
-    print(f"total run time {total:.1f} s")
+    load_end = os.getloadavg()
+    print(f"total run time {total:.1f} s; load average at end {load_end[0]:.2f} "
+          f"(timings are only meaningful on an otherwise idle machine)")
 
     if args.json:
         report = {
@@ -545,15 +558,21 @@ def main(argv: list[str] | None = None) -> None:
                                     for p in problems + [halt_prob]}},
             "results": rows, "broyden_memory": mem_rows, "halting": halt_rows,
             "targets": tgt, "total_seconds": total,
+            "load_average": {"start": load_start, "end": load_end},
         }
-        args.json.write_text(json.dumps(report, indent=1, default=_json_default))
+        args.json.write_text(json.dumps(_jsonable(report), indent=1))
         print(f"wrote {args.json}")
 
 
-def _json_default(x):
+def _jsonable(x):
+    """Strict JSON: nan/inf become null, tuples lists."""
     if isinstance(x, float):
-        return None
-    return str(x)
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x
 
 
 if __name__ == "__main__":

@@ -89,8 +89,9 @@ class Loop:
     def done(self) -> bool:
         return self.active.numel() == 0
 
-    def __call__(self, z: Tensor) -> Tensor:
-        """f on the active rows z (n, D); scores z and marks the rows that must stop."""
+    @torch.no_grad()  # solvers never build a graph; gradients are attached by solvers.implicit
+    def __call__(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """f(z) and g = f(z) - z on the active rows z (n, D); scores z, marks rows that must stop."""
         n = z.shape[0]
         if self.subbatch:
             fz = self.f(z.reshape(n, *self.shape[1:]), self.active).reshape(n, -1)
@@ -101,39 +102,50 @@ class Loop:
             fz = self.f(self._full.reshape(self.shape)).reshape(self.shape[0], -1)[self.active]
         self.n_f_evals += 1
         self.n_f_rows += n if self.subbatch else self.shape[0]
-        self._score(z, fz)
-        return fz
+        g = fz - z
+        self._score(z, fz, g)
+        return fz, g
 
-    def _score(self, z: Tensor, fz: Tensor) -> None:
-        act = self.active
+    def _score(self, z: Tensor, fz: Tensor, g: Tensor) -> None:
+        full = z.shape[0] == self.shape[0]  # every sample active: plain tensor ops, no indexing
+        act = slice(None) if full else self.active
         fz_norm = fz.norm(dim=1)
-        abs_res = (fz - z).norm(dim=1)
+        abs_res = g.norm(dim=1)
         rel_res = abs_res / fz_norm.clamp_min(torch.finfo(fz.dtype).tiny)
         rel_res = torch.where(abs_res == 0, torch.zeros_like(rel_res), rel_res)
         res = rel_res if self.stop_mode == "rel" else abs_res
         self.n_steps[act] += 1
 
-        row = torch.full((self.shape[0],), math.nan, dtype=res.dtype, device=res.device)
-        row[act] = res
-        self.trace.append(row)
+        if full:
+            self.trace.append(res.clone())
+        else:
+            row = torch.full((self.shape[0],), math.nan, dtype=res.dtype, device=res.device)
+            row[act] = res
+            self.trace.append(row)
 
-        better = res < self.best[act]  # nan compares False
         if self.n_f_evals == 1:
             self.scale[act] = torch.maximum(z.norm(dim=1), fz_norm)
             self.abs0[act] = abs_res
-        upd = act[better]
-        self.best_z[upd] = z[better]
-        self.best[upd] = res[better]
-        self.best_abs[upd] = abs_res[better]
-        self.best_rel[upd] = rel_res[better]
+        better = res < self.best[act]  # nan compares False
+        if full:
+            torch.where(better[:, None], z, self.best_z, out=self.best_z)
+            for best, new in ((self.best, res), (self.best_abs, abs_res), (self.best_rel, rel_res)):
+                torch.where(better, new, best, out=best)
+        else:
+            upd = act[better]
+            self.best_z[upd] = z[better]
+            self.best[upd] = res[better]
+            self.best_abs[upd] = abs_res[better]
+            self.best_rel[upd] = rel_res[better]
 
         nonfinite = ~(torch.isfinite(abs_res) & torch.isfinite(fz_norm))
         scale = self.scale[act]
-        blew_up = ((scale > 0) & (z.norm(dim=1) > self.divergence_ratio * scale)) | (
+        # ||f(z)|| stands in for ||z||: within one residual of it, and already computed.
+        blew_up = ((scale > 0) & (fz_norm > self.divergence_ratio * scale)) | (
             abs_res > self.divergence_ratio * self.abs0[act]
         )
-        conv = res < self.tol
-        div = ~conv & (nonfinite | blew_up)
+        div = nonfinite | blew_up  # checked first: a blown-up z can have a tiny relative residual
+        conv = (res < self.tol) & ~div
         self.converged[act] = conv
         self.diverged[act] = div
         self.nonfinite[act] = nonfinite

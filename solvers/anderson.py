@@ -45,7 +45,7 @@ def anderson(
     loop = Loop(f, z0, tol=tol, max_iter=max_iter, stop_mode=stop_mode, subbatch=subbatch,
                 divergence_ratio=divergence_ratio, solver="anderson")
     z = loop.z0
-    g = loop(z) - z
+    _, g = loop(z)
     keep = loop.drop()
     if loop.done:
         return loop.result()
@@ -59,7 +59,7 @@ def anderson(
     z_next = z + beta * g
     k = 0
     while True:
-        g_next = loop(z_next) - z_next
+        _, g_next = loop(z_next)
         keep = loop.drop()
         if loop.done:
             break
@@ -68,8 +68,8 @@ def anderson(
             dz, dg, gram = dz[keep], dg[keep], gram[keep]
         slot = k % m
         k += 1
-        dz[:, slot] = z_next - z
-        dg[:, slot] = g_next - g
+        torch.sub(z_next, z, out=dz[:, slot])
+        torch.sub(g_next, g, out=dg[:, slot])
         z, g = z_next, g_next
         row = torch.bmm(dg, dg[:, slot, :, None]).squeeze(2).double()  # (n, m)
         gram[:, slot, :] = row
@@ -81,6 +81,6 @@ def anderson(
         gamma = torch.cholesky_solve(rhs, chol)  # (n, m, 1)
         ok = (info == 0) & torch.isfinite(gamma).all(dim=(1, 2))
         gamma = torch.where(ok[:, None, None], gamma, torch.zeros_like(gamma)).to(z.dtype)
-        mix = dz + beta * dg  # (n, m, D)
-        z_next = z + beta * g - torch.bmm(gamma.transpose(1, 2), mix).squeeze(1)
+        gamma_t = gamma.transpose(1, 2)  # (n, 1, m): two thin products, no (n, m, D) temporary
+        z_next = z + beta * (g - torch.bmm(gamma_t, dg).squeeze(1)) - torch.bmm(gamma_t, dz).squeeze(1)
     return loop.result()

@@ -39,7 +39,7 @@ def broyden(
     loop = Loop(f, z0, tol=tol, max_iter=max_iter, stop_mode=stop_mode, subbatch=subbatch,
                 divergence_ratio=divergence_ratio, solver="broyden")
     z = loop.z0
-    g = loop(z) - z
+    _, g = loop(z)
     keep = loop.drop()
     if loop.done:
         return loop.result()
@@ -50,29 +50,28 @@ def broyden(
     v = z.new_zeros(n, m, d)  # (n, m, D)
     eps = torch.finfo(z.dtype).eps
     step = g  # -H g with H = -I
-    k = 0
+    used = 0  # rank-one terms in use; the first `used` slots of u, v
     while True:
         z_next = z + step
-        g_next = loop(z_next) - z_next
+        _, g_next = loop(z_next)
         keep = loop.drop()
         if loop.done:
             break
         if keep is not None:
             z, g, z_next, g_next, step, u, v = (t[keep] for t in (z, g, z_next, g_next, step, u, v))
+        if used == m:  # memory full: restart from H = -I before this update
+            used = 0
         s, y = step, g_next - g
-        hy = -y + _lowrank(u, v, y)  # H y, (n, D)
-        vt = -s + _lowrank(v, u, s)  # H^T s, (n, D)
+        uu, vv = u[:, :used], v[:, :used]
+        hy = -y + _lowrank(uu, vv, y)  # H y, (n, D)
+        vt = -s + _lowrank(vv, uu, s)  # H^T s, (n, D)
         denom = (vt * y).sum(1, keepdim=True)  # s^T H y, (n, 1)
         ok = denom.abs() > eps * vt.norm(dim=1, keepdim=True) * y.norm(dim=1, keepdim=True)
-        slot = k % m
-        k += 1
-        if slot == 0 and k > 1:  # memory full: restart from H = -I
-            u.zero_()
-            v.zero_()
-        u[:, slot] = torch.where(ok, (s - hy) / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
-        v[:, slot] = torch.where(ok, vt, 0.0)
+        u[:, used] = torch.where(ok, (s - hy) / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
+        v[:, used] = torch.where(ok, vt, 0.0)
+        used += 1
         z, g = z_next, g_next
-        step = g - _lowrank(u, v, g)  # -H g
+        step = g - _lowrank(u[:, :used], v[:, :used], g)  # -H g
     return loop.result()
 
 

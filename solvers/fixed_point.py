@@ -32,11 +32,11 @@ def fixed_point_iter(
                 divergence_ratio=divergence_ratio, solver="fixed_point_iter")
     z = loop.z0
     while True:
-        fz = loop(z)
+        fz, g = loop(z)
         keep = loop.drop()
         if loop.done:
             break
         if keep is not None:
-            z, fz = z[keep], fz[keep]
-        z = fz if tau == 1 else z + tau * (fz - z)
+            z, fz, g = z[keep], fz[keep], g[keep]
+        z = fz if tau == 1 else z + tau * g
     return loop.result()

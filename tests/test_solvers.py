@@ -279,3 +279,31 @@ def test_anderson_survives_singular_least_squares():
     r = solve(lambda z: 0.5 * z.sum(1, keepdim=True).expand_as(z) / 4 + c, torch.zeros(3, 4, dtype=F64),
               method="anderson", reg=0.0, tol=1e-10, max_iter=100)
     assert r.status is Status.CONVERGED, r.message
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_blown_up_sample_is_never_called_converged(name):
+    """g(z) = 1 + 0.1 tanh(z) has no root; quasi-Newton steps fly off to huge ||z||, where the
+    relative residual ~1/||z|| is tiny. That is divergence, not convergence."""
+    r = solve(lambda z: z + 1.0 + 0.1 * torch.tanh(z), torch.zeros(4, 3, dtype=F64), method=name,
+              tol=1e-4, max_iter=200)
+    assert not r.converged.any(), r.message
+    assert r.status in (Status.DIVERGED, Status.MAX_ITER)
+    if name != "fixed_point_iter":
+        assert r.status is Status.DIVERGED
+
+
+@pytest.mark.parametrize("m", [1, 2, 3])
+def test_broyden_with_small_memory_restarts_and_converges(m):
+    f, z_star = contractive_affine(b=3, d=12, lip=0.9, seed=9)
+    r = solve(f, torch.zeros_like(z_star), method="broyden", m=m, tol=1e-10, max_iter=500)
+    assert r.converged.all(), r.message
+    assert r.n_f_evals > m + 1  # the memory really filled up and restarted
+    assert torch.allclose(r.z, z_star, atol=1e-8)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_solvers_build_no_graph_even_with_grad_enabled(name):
+    w = torch.nn.Parameter(0.5 * torch.eye(3, dtype=F64))
+    r = solve(lambda z: torch.tanh(z @ w + 1.0), torch.ones(2, 3, dtype=F64), method=name, tol=1e-8)
+    assert r.converged.all() and not r.z.requires_grad and r.z.grad_fn is None
