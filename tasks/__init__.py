@@ -1,1 +1,17 @@
-"""Easy-to-hard tasks generated locally from a seed (prefix sums, sudoku, chess)."""
+"""Easy-to-hard tasks generated locally from a seed."""
+
+from __future__ import annotations
+
+from .base import IGNORE, Batch, Task, TaskInputError
+from .prefix_sums import PrefixSums
+
+__all__ = ["IGNORE", "TASKS", "Batch", "Task", "TaskInputError", "get_task"]
+
+TASKS: dict[str, type[Task]] = {"prefix_sums": PrefixSums}
+
+
+def get_task(name: str) -> Task:
+    try:
+        return TASKS[name]()
+    except KeyError:
+        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}") from None

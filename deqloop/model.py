@@ -1,0 +1,241 @@
+"""A single-layer looped transformer whose output is a fixed point z* = f(z*, x).
+
+    x = embed(tokens)                       # (B, T, d), once
+    z* = f(z*, x)  found by a solver        # one shared block, `recall` x `norm` (docs/DESIGN.md §1)
+    logits = head(z*)                       # (B, T, n_classes)
+
+Positions: local attention with a learned bias per head and relative offset (window `window`),
+so the cell is the same at every position and any length; the number of iterations, not the
+weights, decides how far information travels. Fixed-size boards can instead use global
+attention plus learned absolute positions (`window=None`, `n_positions`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+from solvers import check_options, get_solver
+from solvers.implicit import fixed_point
+
+RECALLS = ("none", "standard", "internal")
+NORMS = ("none", "pre", "post", "outer")
+Z0S = ("zeros", "input", "random")
+BACKWARDS = ("ift", "phantom", "unroll", "progressive")
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int  # input token ids are in [0, vocab_size)
+    n_classes: int  # output classes per position
+    d_model: int = 64  # width of the loop state z
+    n_heads: int = 4  # attention heads; d_model must divide by it
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
+    window: int | None = 4  # local attention: each position sees `window` positions (None: all)
+    causal: bool = True  # attend to earlier positions only (with `window`: the last `window`)
+    n_positions: int = 0  # learned absolute positions added to the input (0: none; fixed-size tasks)
+    recall: str = "standard"  # input injection: none | standard | internal (DESIGN §1)
+    norm: str = "outer"  # normalization placement: none | pre | post | outer (DESIGN §1)
+    z0: str = "input"  # initial state: zeros | input (the embedded x) | random (seeded)
+    z0_seed: int = 0  # seed of the random z0, so a model's z0 is reproducible
+
+    def __post_init__(self):
+        for name, value, valid in (("recall", self.recall, RECALLS), ("norm", self.norm, NORMS),
+                                   ("z0", self.z0, Z0S)):
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+        if self.window is not None and self.window < 1:
+            raise ValueError(f"window must be >= 1 or None, got {self.window}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class SolveConfig:
+    """How the loop is solved and differentiated."""
+
+    solver: str = "anderson"  # forward solver, any name in solvers.SOLVERS
+    max_iter: int = 40  # forward evaluations of f at most
+    tol: float = 1e-3  # relative residual at which a sample stops
+    solver_options: dict | None = None  # extra options of the solver (m, beta, reg, tau ...)
+    backward: str = "ift"  # ift | phantom | unroll | progressive
+    b_solver: str = "anderson"  # solver of the IFT adjoint system
+    b_max_iter: int = 40
+    b_tol: float = 1e-4
+    phantom_steps: int = 1  # k of phantom / k-step gradients, and of the progressive loss
+    progressive_alpha: float = 0.5  # weight of the progressive term (deep thinking)
+
+    def __post_init__(self):
+        get_solver(self.solver)
+        get_solver(self.b_solver)
+        check_options(self.solver, self.forward_options())
+        if self.backward not in BACKWARDS:
+            raise ValueError(f"backward must be one of {', '.join(BACKWARDS)}; got {self.backward!r}")
+
+    def forward_options(self, max_iter: int | None = None, tol: float | None = None) -> dict:
+        return {"max_iter": max_iter or self.max_iter, "tol": tol or self.tol, "stop_mode": "rel",
+                **(self.solver_options or {})}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention, local (banded, relative-position bias) or global."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.window, self.causal = cfg.n_heads, cfg.window, cfg.causal
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        if cfg.window is not None:
+            # offsets -left .. +right relative to the query position
+            self.left = cfg.window - 1 if cfg.causal else cfg.window // 2
+            self.right = 0 if cfg.causal else cfg.window - 1 - cfg.window // 2
+            self.rel_bias = nn.Parameter(torch.zeros(cfg.n_heads, self.left + self.right + 1))
+            # Positions past either end of the sequence hold this learned state instead of being
+            # masked: softmax averages, so with masking a position near the start could not
+            # tell "1" from "1 1", and a recurrence like parity needs to know where it starts.
+            self.boundary = nn.Parameter(0.02 * torch.randn(cfg.d_model))
+
+    def forward(self, h: Tensor) -> Tensor:
+        if self.window is None:
+            q, k, v = rearrange(self.qkv(h), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            y = self._local(h)
+        return self.out(rearrange(y, "b h t e -> b t (h e)"))
+
+    def _local(self, h: Tensor) -> Tensor:
+        b, t, d = h.shape
+        w = self.left + self.right + 1
+        edge = self.boundary.expand(b, 1, d)
+        h_pad = torch.cat([edge.expand(b, self.left, d), h, edge.expand(b, self.right, d)], dim=1)
+        q, k, v = rearrange(self.qkv(h_pad), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
+        q = q[:, :, self.left: self.left + t]  # (B, H, T, E): queries of real positions only
+        k_win = k.unfold(2, w, 1)  # (B, H, T, E, W): the keys each query sees, by offset
+        v_win = v.unfold(2, w, 1)
+        scores = torch.einsum("bhte,bhtew->bhtw", q, k_win) / math.sqrt(q.shape[-1])
+        scores = scores + self.rel_bias[:, None, :]  # (H, 1, W) broadcast over B, T
+        return torch.einsum("bhtw,bhtew->bhte", scores.softmax(-1), v_win)
+
+
+class LoopBlock(nn.Module):
+    """The shared block f(z, x) with the `recall` and `norm` placements of DESIGN §1."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        d = cfg.d_model
+        self.recall, self.norm = cfg.recall, cfg.norm
+        self.attn = Attention(cfg)
+        self.mlp = nn.Sequential(nn.Linear(d, cfg.mlp_ratio * d), nn.GELU(), nn.Linear(cfg.mlp_ratio * d, d))
+        self.inject = nn.Linear(d, d, bias=False) if cfg.recall != "none" else None  # P
+        use_ln = cfg.norm != "none"
+        self.ln1 = nn.LayerNorm(d) if use_ln else nn.Identity()
+        self.ln2 = nn.LayerNorm(d) if use_ln else nn.Identity()
+        self.ln_out = nn.LayerNorm(d) if cfg.norm == "outer" else nn.Identity()
+
+    def forward(self, z: Tensor, x: Tensor) -> Tensor:  # (B, T, d), (B, T, d) -> (B, T, d)
+        h = z + self.inject(x) if self.recall == "standard" else z
+        if self.norm == "post":
+            h = self.ln1(h + self.attn(h))
+            if self.recall == "internal":
+                h = h + self.inject(x)
+            return self.ln2(h + self.mlp(h))
+        # pre, outer, none: pre-norm sublayers (identity norms for none)
+        h = h + self.attn(self.ln1(h))
+        if self.recall == "internal":
+            h = h + self.inject(x)
+        h = h + self.mlp(self.ln2(h))
+        return self.ln_out(h)  # outer normalization of the loop state
+
+
+class LoopedTransformer(nn.Module):
+    """Embedding, the loop cell `f(z, x)`, and the output head; `forward` solves the loop."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.pos = nn.Parameter(torch.zeros(cfg.n_positions, cfg.d_model)) if cfg.n_positions else None
+        self.block = LoopBlock(cfg)
+        self.ln_head = nn.LayerNorm(cfg.d_model)
+        self.head = nn.Linear(cfg.d_model, cfg.n_classes)
+
+    def embed_input(self, tokens: Tensor) -> Tensor:  # (B, T) -> (B, T, d)
+        x = self.embed(tokens)
+        if self.pos is not None:
+            if tokens.shape[1] > self.pos.shape[0]:
+                raise ValueError(f"input length {tokens.shape[1]} exceeds n_positions={self.pos.shape[0]}")
+            x = x + self.pos[: tokens.shape[1]]
+        return x
+
+    def f(self, z: Tensor, x: Tensor) -> Tensor:
+        """One iteration of the loop: z_{k+1} = f(z_k, x)."""
+        return self.block(z, x)
+
+    def z_init(self, x: Tensor) -> Tensor:
+        if self.cfg.z0 == "zeros":
+            return torch.zeros_like(x)
+        if self.cfg.z0 == "input":
+            return x
+        g = torch.Generator(device=x.device).manual_seed(self.cfg.z0_seed)
+        return torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
+
+    def cell(self, x: Tensor):
+        """f(., x) as a solver sees it: (B, T, d) -> (B, T, d), or on a sub-batch `idx`."""
+        return lambda z, idx=None: self.f(z, x if idx is None else x[idx])
+
+    def head_logits(self, z: Tensor) -> Tensor:  # (B, T, d) -> (B, T, n_classes)
+        return self.head(self.ln_head(z))
+
+    def forward(self, tokens: Tensor, solve: SolveConfig, *, max_iter: int | None = None,
+                tol: float | None = None, generator: torch.Generator | None = None):
+        """Logits at the fixed point and the forward solver's result.
+
+        In training with backward="progressive", also returns the logits of the progressive
+        term (see `progressive_logits`); otherwise that slot is None.
+        """
+        x = self.embed_input(tokens)
+        z0 = self.z_init(x)
+        options = solve.forward_options(max_iter, tol)
+        grad = "ift" if solve.backward == "progressive" else solve.backward
+        z, result = fixed_point(
+            self.cell(x), z0, solver=solve.solver, solver_options=options, grad=grad,
+            b_solver=solve.b_solver, b_solver_options={"max_iter": solve.b_max_iter, "tol": solve.b_tol},
+            phantom_steps=solve.phantom_steps, unroll_steps=options["max_iter"],
+        )
+        prog = None
+        if solve.backward == "progressive" and torch.is_grad_enabled():
+            prog = self.progressive_logits(x, z0, options["max_iter"], solve.phantom_steps, generator)
+        return self.head_logits(z), result, prog
+
+    def progressive_logits(self, x: Tensor, z0: Tensor, max_iter: int, k: int,
+                           generator: torch.Generator | None) -> Tensor:
+        """Deep-thinking progressive term: n ~ U{0..max_iter-k} iterations without gradient, then k with.
+
+        Bansal et al., "End-to-end Algorithm Synthesis with Recurrent Networks", NeurIPS 2022.
+        """
+        n = int(torch.randint(0, max(max_iter - k, 0) + 1, (1,), generator=generator))
+        z = z0.detach()
+        with torch.no_grad():
+            for _ in range(n):
+                z = self.f(z, x)
+        for _ in range(k):
+            z = self.f(z, x)
+        return self.head_logits(z)
+
+
+def build_model(cfg: ModelConfig, seed: int) -> LoopedTransformer:
+    """A model whose initial weights depend on `seed` only (the global RNG is left as it was)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return LoopedTransformer(cfg)

@@ -1,0 +1,78 @@
+"""The interface every task follows: seeded generation with a difficulty per example."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+IGNORE = -100  # target value of positions that are not scored (cross_entropy's ignore_index)
+
+
+class TaskInputError(ValueError):
+    """A user's input that the task cannot parse; the message is one line."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """inputs (N, T) token ids; targets (N, T) class ids or IGNORE; difficulty (N,)."""
+
+    inputs: Tensor
+    targets: Tensor
+    difficulty: Tensor
+
+    def to(self, device) -> Batch:
+        return Batch(self.inputs.to(device), self.targets.to(device), self.difficulty.to(device))
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+
+class Task(ABC):
+    """Subclasses set the class attributes and implement `generate`, `decode`, `parse`."""
+
+    name: str
+    vocab_size: int  # input tokens are in [0, vocab_size)
+    n_classes: int  # output classes per position
+    train_difficulties: tuple[int, ...]  # default easy split
+    test_difficulties: tuple[int, ...]  # default harder split (includes the training difficulty)
+    model_defaults: dict = {}  # ModelConfig fields this task needs (window, causal, n_positions)
+
+    @abstractmethod
+    def generate(self, n: int, difficulty: int, rng: np.random.Generator) -> Batch:
+        """n examples of one difficulty."""
+
+    def sample(self, n: int, difficulties, rng: np.random.Generator) -> Batch:
+        """n examples, each at a difficulty drawn uniformly from `difficulties`; padded by IGNORE."""
+        counts = np.bincount(rng.integers(0, len(difficulties), n), minlength=len(difficulties))
+        parts = [self.generate(int(c), d, rng) for c, d in zip(counts, difficulties) if c]
+        return concat(parts)
+
+    def predict(self, logits: Tensor, inputs: Tensor) -> Tensor:
+        """Class ids from logits (N, T, C) -> (N, T)."""
+        return logits.argmax(-1)
+
+    def exact_match(self, pred: Tensor, batch: Batch) -> Tensor:
+        """(N,) bool: every scored position right."""
+        scored = batch.targets != IGNORE
+        return ((pred == batch.targets) | ~scored).all(dim=1)
+
+    @abstractmethod
+    def decode(self, inputs: Tensor, pred: Tensor) -> str:
+        """A readable answer from one example's inputs (T,) and predicted classes (T,)."""
+
+    @abstractmethod
+    def parse(self, text: str) -> Tensor:
+        """A user's input as tokens (1, T); raises TaskInputError with a one-line message."""
+
+
+def concat(parts: list[Batch]) -> Batch:
+    """Stack batches of different lengths, padding inputs with 0 and targets with IGNORE."""
+    t = max(p.inputs.shape[1] for p in parts)
+    pad = lambda a, v: torch.nn.functional.pad(a, (0, t - a.shape[1]), value=v)
+    return Batch(torch.cat([pad(p.inputs, 0) for p in parts]),
+                 torch.cat([pad(p.targets, IGNORE) for p in parts]),
+                 torch.cat([p.difficulty for p in parts]))
