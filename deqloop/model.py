@@ -66,7 +66,7 @@ class SolveConfig:
     max_iter: int = 40  # forward evaluations of f at most
     tol: float = 1e-3  # relative residual at which a sample stops
     solver_options: dict | None = None  # extra options of the solver (m, beta, reg, tau ...)
-    backward: str = "ift"  # ift | phantom | unroll | progressive
+    backward: str = "ift"  # ift | phantom | unroll (max_iter steps) | progressive (unroll + deep-thinking term)
     b_solver: str = "anderson"  # solver of the IFT adjoint system
     b_max_iter: int = 40
     b_tol: float = 1e-4
@@ -81,7 +81,8 @@ class SolveConfig:
             raise ValueError(f"backward must be one of {', '.join(BACKWARDS)}; got {self.backward!r}")
 
     def forward_options(self, max_iter: int | None = None, tol: float | None = None) -> dict:
-        return {"max_iter": max_iter or self.max_iter, "tol": tol or self.tol, "stop_mode": "rel",
+        return {"max_iter": self.max_iter if max_iter is None else max_iter,
+                "tol": self.tol if tol is None else tol, "stop_mode": "rel",
                 **(self.solver_options or {})}
 
     def to_dict(self) -> dict:
@@ -207,7 +208,8 @@ class LoopedTransformer(nn.Module):
         x = self.embed_input(tokens)
         z0 = self.z_init(x)
         options = solve.forward_options(max_iter, tol)
-        grad = "ift" if solve.backward == "progressive" else solve.backward
+        # Deep thinking's full-depth term backpropagates through the whole unrolled loop.
+        grad = "unroll" if solve.backward == "progressive" else solve.backward
         z, result = fixed_point(
             self.cell(x), z0, solver=solve.solver, solver_options=options, grad=grad,
             b_solver=solve.b_solver, b_solver_options={"max_iter": solve.b_max_iter, "tol": solve.b_tol},

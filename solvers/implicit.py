@@ -13,6 +13,7 @@ Three gradients, so they can be compared:
   Geng et al., "On Training Implicit Models", NeurIPS 2021.
 - "unroll": `unroll_steps` plain iterations from z0, all differentiated (backprop through the
   loop; memory grows with the number of steps).
+Without autograd (evaluation) every mode returns the solver's fixed point.
 """
 
 from __future__ import annotations
@@ -68,13 +69,13 @@ def fixed_point(
     if isinstance(unroll_steps, bool) or not isinstance(unroll_steps, int) or unroll_steps < 1:
         raise ValueError(f"unroll_steps must be an integer >= 1, got {unroll_steps!r}")
 
-    if grad == "unroll":
+    if grad == "unroll" and torch.is_grad_enabled():
         return _unroll(f, z0, unroll_steps, solver_options)
 
     with torch.no_grad():
         result = get_solver(solver)(f, z0.detach(), **solver_options)
     z_star = result.z
-    if not torch.is_grad_enabled():
+    if not torch.is_grad_enabled():  # evaluation: the fixed point, whatever the training gradient
         return z_star, result
 
     if grad == "phantom":

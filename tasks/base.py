@@ -40,6 +40,11 @@ class Task(ABC):
     train_difficulties: tuple[int, ...]  # default easy split
     test_difficulties: tuple[int, ...]  # default harder split (includes the training difficulty)
     model_defaults: dict = {}  # ModelConfig fields this task needs (window, causal, n_positions)
+    solve_defaults: dict = {}  # SolveConfig fields of the task's training recipe (backward, max_iter)
+
+    def eval_max_iter(self, difficulty: int) -> int:
+        """Iteration budget the loop needs at `difficulty`; harder examples need more."""
+        return 50
 
     @abstractmethod
     def generate(self, n: int, difficulty: int, rng: np.random.Generator) -> Batch:

@@ -139,3 +139,13 @@ def test_bad_arguments_fail_at_once():
         fixed_point(cell, z0, b_solver="newton")
     with pytest.raises(ValueError, match="phantom_steps"):
         fixed_point(cell, z0, grad="phantom", phantom_steps=0)
+
+
+def test_without_autograd_every_mode_returns_the_solvers_fixed_point():
+    cell, _ = setup(seed=6)
+    z0 = torch.zeros_like(cell.x)
+    with torch.no_grad():
+        ref, r = fixed_point(cell, z0, solver_options=TIGHT)
+        for grad in ("phantom", "unroll"):
+            z, rg = fixed_point(cell, z0, grad=grad, unroll_steps=2, solver_options=TIGHT)
+            assert torch.equal(z, ref) and rg.solver == "anderson" and rg.converged.all()

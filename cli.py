@@ -1,0 +1,322 @@
+"""deqloop's command line: train, eval, solve.
+
+    python cli.py train --task prefix_sums [--recall internal --norm outer ...] [--resume]
+    torchrun --nproc_per_node 2 cli.py train --task prefix_sums --device cpu
+    python cli.py eval runs/prefix_sums/checkpoint.pt [--iters 40,80,160] [--json out.json] [--plot out.png]
+    python cli.py solve runs/prefix_sums/checkpoint.pt 0110101
+
+A subcommand is one entry of COMMANDS: `add_<name>(parser)` declares its flags, `run_<name>(args)`
+does the work and returns the exit code. A bad input (unknown name, bad checkpoint, malformed
+INPUT, missing file) raises `UsageError` or `CheckpointError` and ends as one line `error: ...` on
+stderr with exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from deqloop.checkpoint import CheckpointError, configs, load_checkpoint, load_model
+from deqloop.evaluate import evaluate_checkpoint, plot, print_table, write_json
+from deqloop.model import BACKWARDS, NORMS, RECALLS, Z0S, ModelConfig, SolveConfig
+from deqloop.train import RUN_CONTROL, ConfigError, Interrupted, TrainConfig, resolve_device, train
+from tasks import TaskInputError, get_task
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad input from the user; printed as `error: <message>`, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr (argparse prints the usage first)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """'16,32,64' -> (16, 32, 64)."""
+    parts = [v.strip() for v in text.split(",") if v.strip()]
+    if not parts or not all(v.lstrip("-").isdigit() for v in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 16,32, got {text!r}")
+    values = tuple(int(v) for v in parts)
+    if any(v < 1 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers such as 16,32, got {text!r}")
+    return values
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def window_arg(text: str) -> int | None:
+    if text.lower() in ("none", "global"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
+def device_arg(name: str) -> torch.device:
+    try:
+        device = resolve_device(name, None)
+    except RuntimeError as e:
+        raise UsageError(f"bad device {name!r}: {one_line(e)}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r}: CUDA is not available")
+    return device
+
+
+# ------------------------------------------------------------------------------------- train
+
+CONFIGS = {"model": ModelConfig, "solve": SolveConfig, "train": TrainConfig}
+# flag dest -> (config, field): the field's own name, except --heads
+TRAIN_FLAGS = {
+    **{name: ("model", name) for name in ("recall", "norm", "z0", "d_model", "mlp_ratio", "window")},
+    "heads": ("model", "n_heads"),
+    **{name: ("solve", name) for name in ("solver", "max_iter", "tol", "backward", "b_solver", "b_max_iter",
+                                          "b_tol", "phantom_steps", "progressive_alpha")},
+    **{f.name: ("train", f.name) for f in fields(TrainConfig) if f.name != "task"},
+}
+
+
+def default(cls, name: str):
+    (f,) = [f for f in fields(cls) if f.name == name]
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    def flag(group, dest, help, shown=None, **kw):
+        # A flag not given leaves no attribute (SUPPRESS), so "not given" differs from any value.
+        kind, name = TRAIN_FLAGS[dest]
+        shown = default(CONFIGS[kind], name) if shown is None else shown
+        if not {"choices", "action", "metavar"} & set(kw):
+            metavars = {int: "N", float: "X", int_list: "N,N,..", window_arg: "N|none"}
+            kw["metavar"] = metavars.get(kw.get("type"), "NAME")
+        group.add_argument("--" + dest.replace("_", "-"), dest=dest, default=argparse.SUPPRESS,
+                           help=f"{help} (default: {shown})", **kw)
+
+    p.epilog = ("Model and solver flags not given take the task's model_defaults and solve_defaults "
+                "where it sets them, else the defaults shown.")
+    p.add_argument("--task", required=True, help="task name (see tasks.TASKS)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out-dir>/checkpoint.pt with its settings; only "
+                        + ", ".join("--" + f.replace("_", "-") for f in RUN_CONTROL) + " may be given anew")
+    g = p.add_argument_group("model")
+    flag(g, "recall", "input injection", choices=RECALLS)
+    flag(g, "norm", "normalization placement", choices=NORMS)
+    flag(g, "z0", "initial state", choices=Z0S)
+    flag(g, "d_model", "width of the loop state", type=int)
+    flag(g, "heads", "attention heads", type=int)
+    flag(g, "mlp_ratio", "MLP width / d_model", type=int)
+    flag(g, "window", "local attention window, or 'none' for global attention", type=window_arg,
+         shown=f"the task's, else {default(ModelConfig, 'window')}")
+    g = p.add_argument_group("solver")
+    flag(g, "solver", "forward solver (see solvers.SOLVERS)")
+    flag(g, "max_iter", "forward iterations at most", type=int)
+    flag(g, "tol", "relative residual at which a sample stops", type=float)
+    flag(g, "backward", "gradient", choices=BACKWARDS)
+    flag(g, "b_solver", "solver of the IFT adjoint system")
+    flag(g, "b_max_iter", "adjoint iterations at most", type=int)
+    flag(g, "b_tol", "adjoint tolerance", type=float)
+    flag(g, "phantom_steps", "steps of the phantom gradient and of the progressive loss", type=int)
+    flag(g, "progressive_alpha", "weight of the progressive loss term", type=float)
+    g = p.add_argument_group("training")
+    flag(g, "seed", "seed of the init, the data and the progressive depth", type=int)
+    flag(g, "steps", "optimizer steps", type=int)
+    flag(g, "batch_size", "examples per step, over all processes", type=int)
+    flag(g, "lr", "peak learning rate", type=float)
+    flag(g, "weight_decay", "AdamW weight decay", type=float)
+    flag(g, "warmup_steps", "linear warmup steps", type=int)
+    flag(g, "min_lr_ratio", "cosine floor as a fraction of lr", type=float)
+    flag(g, "grad_clip", "gradient norm clip, 0 for none", type=float)
+    flag(g, "train_difficulties", "comma-separated", shown="the task's", type=int_list)
+    flag(g, "test_difficulties", "comma-separated", shown="the task's", type=int_list)
+    flag(g, "eval_every", "evaluate every N steps, 0 for never", type=int)
+    flag(g, "eval_size", "test examples per difficulty", type=int)
+    flag(g, "log_every", "a metrics.jsonl train row every N steps", type=int)
+    flag(g, "ckpt_every", "save the checkpoint every N steps, 0 for the end only", type=int)
+    flag(g, "keep_checkpoints", "also keep checkpoint_step{N}.pt of every save", action="store_const", const=True)
+    flag(g, "out_dir", "output directory", shown="runs/<task>", metavar="DIR")
+    flag(g, "device", "auto, cpu, cuda, cuda:1 ...")
+
+
+def train_configs(args) -> tuple[TrainConfig, ModelConfig, SolveConfig]:
+    """The configs from the flags: an explicit flag, else the task's model_defaults / solve_defaults,
+    else the dataclass default."""
+    task = get_task(args.task)
+    given = {kind: {} for kind in CONFIGS}
+    for dest, (kind, name) in TRAIN_FLAGS.items():
+        if hasattr(args, dest):
+            given[kind][name] = getattr(args, dest)
+    if args.resume:
+        return resumed_configs(args.task, given)
+    model_cfg = ModelConfig(vocab_size=task.vocab_size, n_classes=task.n_classes,
+                            **{**task.model_defaults, **given["model"]})
+    solve_cfg = SolveConfig(**{**getattr(task, "solve_defaults", {}), **given["solve"]})
+    return TrainConfig(task=args.task, **given["train"]), model_cfg, solve_cfg
+
+
+def resumed_configs(task: str, given: dict) -> tuple[TrainConfig, ModelConfig, SolveConfig]:
+    """The checkpoint's configs; a flag may repeat a stored value or change a RUN_CONTROL field, nothing else."""
+    out_dir = given["train"].get("out_dir") or str(Path("runs") / task)
+    ckpt = load_checkpoint(Path(out_dir) / "checkpoint.pt")
+    if ckpt["task"] != task:
+        raise UsageError(f"{ckpt['path']} is a {ckpt['task']!r} run, not {task!r}")
+    model_cfg, solve_cfg = configs(ckpt)
+    stored = {"model": model_cfg.to_dict(), "solve": solve_cfg.to_dict(), "train": ckpt["train_config"]}
+    for kind, values in given.items():
+        for name, value in values.items():
+            old = stored[kind][name]
+            old = tuple(old) if isinstance(old, list) else old
+            if name not in RUN_CONTROL and value != old:
+                flag = "--" + next(d for d, kn in TRAIN_FLAGS.items() if kn == (kind, name)).replace("_", "-")
+                raise UsageError(f"{flag} {value} differs from the checkpoint's {name}={old!r}; a resumed run "
+                                 f"keeps its settings (only {', '.join(RUN_CONTROL)} may change)")
+    run_control = {k: v for k, v in given["train"].items() if k in RUN_CONTROL}
+    return TrainConfig.from_dict({**ckpt["train_config"], **run_control, "out_dir": out_dir}), model_cfg, solve_cfg
+
+
+def run_train(args) -> int:
+    try:
+        cfg, model_cfg, solve_cfg = train_configs(args)
+    except (ValueError, KeyError, TypeError) as e:  # unknown names and bad values, with the valid choices
+        raise UsageError(one_line(e)) from None
+    if cfg.device != "auto":
+        device_arg(cfg.device)
+    try:
+        path = train(cfg, model_cfg, solve_cfg, resume=args.resume)
+    except (ConfigError, FileExistsError) as e:
+        raise UsageError(one_line(e)) from None
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except FloatingPointError as e:  # the loss became nan or inf
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if os.environ.get("RANK", "0") == "0":  # torchrun's rank; a plain process is rank 0
+        print(f"saved {path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- eval
+
+def add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint.pt written by train")
+    p.add_argument("--difficulties", type=int_list, metavar="N,N,..",
+                   help="comma-separated (default: the run's test difficulties)")
+    p.add_argument("--iters", type=int_list, metavar="N,N,..",
+                   help="comma-separated max_iter budgets (default: the training max_iter doubled up to 8x, "
+                        "plus the task's budget per difficulty)")
+    p.add_argument("--n", type=positive_int, help="test examples per difficulty (default: the run's eval_size)")
+    p.add_argument("--json", metavar="PATH",
+                   help="write every number here (default: eval.json beside the checkpoint)")
+    p.add_argument("--plot", metavar="PATH", help="write the plot here (default: eval.png beside the checkpoint)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
+
+
+def run_eval(args) -> int:
+    json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "eval.json"
+    plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).parent / "eval.png"
+    for path in (json_path, plot_path):  # fail before the work, not after
+        if not path.parent.is_dir():
+            raise UsageError(f"cannot write {path}: directory {path.parent} does not exist")
+    device = device_arg(args.device)
+    with Console(stderr=True).status("evaluating") as status:
+        report = evaluate_checkpoint(
+            args.checkpoint, difficulties=args.difficulties, iters=args.iters, n=args.n, device=device,
+            progress=lambda d, k: status.update(f"evaluating difficulty {d}, max_iter {k}"))
+    print_table(report)
+    try:
+        write_json(report, json_path)
+        plot(report, plot_path)
+    except OSError as e:
+        raise UsageError(f"cannot write {e.filename}: {e.strerror}") from None
+    print(f"wrote {json_path} and {plot_path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- solve
+
+def add_solve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint.pt written by train")
+    p.add_argument("input", metavar="INPUT", help="one problem in the task's text form (prefix_sums: 0110...)")
+    p.add_argument("--max-iter", type=positive_int, help="solver budget (default: the training max_iter)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
+
+
+def run_solve(args) -> int:
+    device = device_arg(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    model, task = load_model(ckpt, device)
+    _, solve_cfg = configs(ckpt)
+    try:
+        tokens = task.parse(args.input).to(device)
+    except TaskInputError as e:
+        raise UsageError(one_line(e)) from None
+    with torch.no_grad():
+        try:
+            logits, result, _ = model(tokens, solve_cfg, max_iter=args.max_iter)
+        except ValueError as e:  # e.g. an input longer than a fixed-size model's positions
+            raise UsageError(one_line(e)) from None
+    pred = task.predict(logits, tokens)
+    print(task.decode(tokens[0].cpu(), pred[0].cpu()))
+    print(f"solver: {int(result.n_steps[0])} steps (max_iter {args.max_iter or solve_cfg.max_iter}), "
+          f"residual {float(result.residual[0]):.3g} ({result.stop_mode}), status {result.status.name}")
+    print(result.message)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- main
+
+COMMANDS = {  # name: (help, add its flags, run it)
+    "train": ("train a model; writes <out-dir>/checkpoint.pt and metrics.jsonl", add_train, run_train),
+    "eval": ("accuracy per difficulty x iteration budget of a checkpoint", add_eval, run_eval),
+    "solve": ("answer one INPUT with a checkpoint's model", add_solve, run_solve),
+}
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog="cli.py", description="deqloop: looped transformers as deep equilibrium models")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help, add, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        add(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, CheckpointError) as e:
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Checkpoints: one file that rebuilds, evaluates and resumes a run without its command (DESIGN §5).
+
+    save_checkpoint(path, model=..., optimizer=..., step=..., ...)   # atomic: temp file + os.replace
+    ckpt = load_checkpoint(path)            # a validated plain dict; raises CheckpointError
+    model, task = load_model(ckpt)          # weights loaded, in eval mode
+
+The file is a `torch.save` of plain dicts, lists, strings, numbers and tensors only, so it loads
+with `torch.load(weights_only=True)`: loading a checkpoint never runs code from the file.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import warnings
+import zipfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+import deqloop
+from deqloop.model import LoopedTransformer, ModelConfig, SolveConfig, build_model
+from tasks import Task, get_task
+
+FORMAT = "deqloop-checkpoint"  # the `format` key; tells a deqloop checkpoint from any other torch file
+FORMAT_VERSION = 1  # bumped when the layout below changes incompatibly
+KEYS = ("format", "format_version", "deqloop_version", "torch_version", "task", "model_config",
+        "solve_config", "train_config", "model", "optimizer", "step", "data_seed", "world_size", "metrics")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, unreadable or not a deqloop checkpoint; one-line message."""
+
+
+def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+                    step: int, task: str, model_cfg: ModelConfig, solve_cfg: SolveConfig,
+                    train_cfg: dict, metrics: list[dict], world_size: int = 1) -> Path:
+    """Write the run's state to `path` atomically: a reader sees the old file or the new one, never half.
+
+    `step` counts finished optimizer steps (the next step to run); `train_cfg` is a plain dict
+    (TrainConfig.to_dict()), so this module does not depend on the training loop.
+    """
+    path = Path(path)
+    state = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "deqloop_version": str(deqloop.__version__),
+        "torch_version": str(torch.__version__),
+        "task": task,
+        "model_config": model_cfg.to_dict(),
+        "solve_config": solve_cfg.to_dict(),
+        "train_config": dict(train_cfg),
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "step": int(step),
+        "data_seed": int(train_cfg["seed"]),
+        "world_size": int(world_size),
+        "metrics": list(metrics),
+    }
+    # Same directory, so os.replace is a rename on one filesystem (atomic on POSIX).
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as fh:
+            torch.save(state, fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """The checkpoint at `path` as a plain dict, checked; raises `CheckpointError` naming the problem."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: not a file")
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path}: cannot be read ({e.strerror})") from None
+    # torch.save writes a zip archive; classify the usual failures before torch's long messages.
+    if not head:
+        raise CheckpointError(f"checkpoint {path}: empty file")
+    if head != b"PK\x03\x04":
+        raise CheckpointError(f"checkpoint {path}: not a checkpoint (not a torch.save zip archive)")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"checkpoint {path}: truncated or corrupt (incomplete zip archive)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a damaged record, or a pickled object weights_only refuses
+        raise CheckpointError(f"checkpoint {path}: corrupt or not a deqloop checkpoint "
+                              f"({_load_problem(e)})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"checkpoint {path}: not a deqloop checkpoint (no format={FORMAT!r} entry)")
+    version = ckpt.get("format_version")
+    if version != FORMAT_VERSION:
+        raise CheckpointError(f"checkpoint {path}: format version {version!r}, this deqloop "
+                              f"{deqloop.__version__} reads version {FORMAT_VERSION}")
+    missing = [k for k in KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: incomplete, missing {', '.join(missing)}")
+    ckpt["path"] = str(path)
+    return ckpt
+
+
+def configs(ckpt: dict) -> tuple[ModelConfig, SolveConfig]:
+    """The model and solve configs stored in a loaded checkpoint."""
+    try:
+        return ModelConfig(**ckpt["model_config"]), SolveConfig(**ckpt["solve_config"])
+    except (TypeError, ValueError, KeyError) as e:
+        raise CheckpointError(f"checkpoint {ckpt.get('path')}: its configs do not fit this deqloop "
+                              f"{deqloop.__version__} (saved by {ckpt.get('deqloop_version')}): "
+                              f"{_first_line(e)}") from None
+
+
+def load_model(ckpt: dict | str | Path, device: str | torch.device = "cpu") -> tuple[LoopedTransformer, Task]:
+    """The checkpoint's model (weights loaded, eval mode, on `device`) and its task."""
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt)
+    model_cfg, _ = configs(ckpt)
+    try:
+        task = get_task(ckpt["task"])
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {ckpt['path']}: {e}") from None
+    model = build_model(model_cfg, seed=0)  # the init is overwritten by the saved weights
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"checkpoint {ckpt['path']}: its weights do not fit this deqloop "
+                              f"{deqloop.__version__}'s model ({_first_line(e)})") from None
+    return model.to(device).eval(), task
+
+
+def _first_line(e: BaseException, limit: int = 300) -> str:
+    """The exception as one line of at most `limit` characters."""
+    text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def _load_problem(e: BaseException) -> str:
+    """What torch.load objected to, without its multi-paragraph advice."""
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    if m:
+        return f"holds a pickled {m.group(1)} object; only tensors and plain containers are allowed"
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
+    return f"{type(e).__name__}: {m.group(1).strip()}" if m else _first_line(e, 160)

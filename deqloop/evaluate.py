@@ -1,0 +1,161 @@
+"""Exact-match accuracy per difficulty and test-time iteration budget, on fixed seeded test sets.
+
+    report = evaluate_checkpoint("runs/prefix_sums/checkpoint.pt", iters=[40, 80, 160, 320])
+    print_table(report); write_json(report, "eval.json"); plot(report, "eval.png")
+
+The question the grid answers (DESIGN §4): does a loop trained on easy examples solve harder
+ones when it is allowed to iterate more? Rows are difficulties, columns `max_iter` budgets.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch import nn
+
+from deqloop.checkpoint import configs, load_checkpoint, load_model
+from deqloop.model import SolveConfig
+from tasks import Batch, Task
+
+EVAL_SEED = 0  # the test sets are the same for every run of a task, whatever its training seed
+# Third word of the test sets' seed. Training data is seeded [seed, step, rank] with a small
+# rank there, so the two streams never meet (numpy's SeedSequence also equates [a, b] and
+# [a, b, 0]: a nonzero word keeps them apart).
+EVAL_STREAM = 2**30 + 1
+EVAL_TOKENS = 32768  # examples per forward pass x their length: bounds the memory of evaluation
+
+
+def test_set(task: Task, difficulty: int, n: int) -> Batch:
+    """The fixed test set of `n` examples at `difficulty` (the first n of a larger one are the same)."""
+    return task.generate(n, difficulty, np.random.default_rng([EVAL_SEED, difficulty, EVAL_STREAM]))
+
+
+def eval_max_iter(task: Task, solve: SolveConfig, difficulty: int) -> int:
+    """The iteration budget at `difficulty`: the training budget, or more if the task asks for it."""
+    task_budget = getattr(task, "eval_max_iter", None)
+    if task_budget is None:
+        return solve.max_iter
+    return max(solve.max_iter, int(task_budget(difficulty)))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, solve: SolveConfig, batch: Batch, *, max_iter: int,
+             device: str | torch.device, max_tokens: int = EVAL_TOKENS) -> dict:
+    """Accuracy and solver statistics of `model` on `batch` with `max_iter`, in bounded-size chunks.
+
+    Returns floats: acc (fraction exactly right), solver_steps (mean evaluations of f per example),
+    converged (fraction whose solve reached tol), max_residual (worst residual; inf if
+    any was not finite), and n (examples).
+    """
+    was_training = model.training
+    model.eval()
+    chunk = max(1, max_tokens // max(1, batch.inputs.shape[1]))
+    correct, steps, converged, worst = 0, 0.0, 0, 0.0
+    for start in range(0, len(batch), chunk):
+        rows = slice(start, start + chunk)
+        part = Batch(batch.inputs[rows], batch.targets[rows], batch.difficulty[rows]).to(device)
+        logits, result, _ = model(part.inputs, solve, max_iter=max_iter)
+        correct += int(task.exact_match(task.predict(logits, part.inputs), part).sum())
+        steps += float(result.n_steps.double().sum())
+        converged += int(result.converged.sum())
+        res = result.residual
+        worst = max(worst, float(res.max())) if bool(torch.isfinite(res).all()) else math.inf
+    model.train(was_training)
+    n = len(batch)
+    return {"acc": correct / n, "solver_steps": steps / n, "converged": converged / n,
+            "max_residual": worst, "n": n}
+
+
+def default_iters(solve: SolveConfig, task: Task, difficulties) -> list[int]:
+    """Doubling budgets from the training max_iter to 8x it, plus the task's budget per difficulty."""
+    iters = {solve.max_iter * 2**k for k in range(4)}
+    iters |= {eval_max_iter(task, solve, d) for d in difficulties}
+    return sorted(iters)
+
+
+def evaluate_checkpoint(path: str | Path, *, difficulties=None, iters=None, n: int | None = None,
+                        device: str | torch.device = "cpu", progress=None) -> dict:
+    """The accuracy grid (difficulty x max_iter) of a checkpoint, as a plain dict (see `write_json`).
+
+    Defaults: the run's test difficulties, `default_iters`, and the run's eval_size examples.
+    `progress(difficulty, max_iter)` is called before each cell.
+    """
+    ckpt = load_checkpoint(path)
+    model, task = load_model(ckpt, device)
+    _, solve = configs(ckpt)
+    train_cfg = ckpt["train_config"]
+    difficulties = list(difficulties or train_cfg.get("test_difficulties") or task.test_difficulties)
+    iters = sorted(set(iters or default_iters(solve, task, difficulties)))
+    n = int(n or train_cfg.get("eval_size") or 256)
+    cells = []
+    for d in difficulties:
+        batch = test_set(task, d, n)
+        for k in iters:
+            if progress is not None:
+                progress(d, k)
+            cells.append({"difficulty": d, "max_iter": k,
+                          **evaluate(model, task, solve, batch, max_iter=k, device=device)})
+    return {
+        "checkpoint": str(path), "task": ckpt["task"], "step": ckpt["step"],
+        "deqloop_version": ckpt["deqloop_version"], "solver": solve.solver, "tol": solve.tol,
+        "train_max_iter": solve.max_iter, "n": n, "difficulties": difficulties, "iters": iters,
+        "eval_max_iter": {str(d): eval_max_iter(task, solve, d) for d in difficulties},
+        "cells": cells,
+    }
+
+
+def print_table(report: dict, console: Console | None = None) -> None:
+    """Rows: difficulties; columns: max_iter budgets; each cell accuracy, mean steps, converged."""
+    console = console or Console()
+    table = Table(title=f"{report['task']} @ step {report['step']}: exact-match accuracy, "
+                        f"n={report['n']} per difficulty",
+                  caption="below each accuracy: mean solver steps, % of examples converged")
+    table.add_column("difficulty", justify="right")
+    for k in report["iters"]:
+        table.add_column(f"max_iter {k}", justify="right")
+    by_cell = {(c["difficulty"], c["max_iter"]): c for c in report["cells"]}
+    for d in report["difficulties"]:
+        row = []
+        for k in report["iters"]:
+            c = by_cell[(d, k)]
+            row.append(f"{100 * c['acc']:.1f}%\n"
+                       f"[dim]{c['solver_steps']:.1f} st, {100 * c['converged']:.0f}% conv[/dim]")
+        table.add_row(str(d), *row)
+    console.print(table)
+
+
+def write_json(report: dict, path: str | Path) -> None:
+    """Every number of the report as strict JSON (a non-finite residual is written as null)."""
+    clean = json.loads(json.dumps(report), parse_constant=lambda _: None)
+    Path(path).write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
+
+
+def plot(report: dict, path: str | Path) -> None:
+    """Accuracy vs max_iter (log2 axis), one line per difficulty, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for d in report["difficulties"]:
+        cells = sorted((c for c in report["cells"] if c["difficulty"] == d), key=lambda c: c["max_iter"])
+        ax.plot([c["max_iter"] for c in cells], [c["acc"] for c in cells], marker="o", label=str(d))
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(report["iters"], [str(k) for k in report["iters"]])
+    ax.minorticks_off()
+    ax.set_xlabel("max_iter (test-time iteration budget)")
+    ax.set_ylabel("exact-match accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"{report['task']} @ step {report['step']}")
+    ax.legend(title="difficulty")
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

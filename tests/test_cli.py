@@ -1,0 +1,198 @@
+"""cli.py: flags build the configs, eval and solve work, every bad input is one line and exit code 2."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+import cli  # the repo root is on pytest's pythonpath (pyproject.toml)
+from deqloop.checkpoint import load_checkpoint
+from deqloop.model import ModelConfig, SolveConfig
+from deqloop.train import TrainConfig
+from tasks import get_task
+
+TOY = ["--task", "prefix_sums", "--d-model", "16", "--heads", "2", "--batch-size", "8", "--max-iter", "10",
+       "--train-difficulties", "8", "--test-difficulties", "8,12", "--eval-size", "8", "--log-every", "1"]
+
+
+
+
+def run(capsys, *argv):
+    """cli.main in this process: (exit code, stdout, stderr)."""
+    try:
+        code = cli.main([str(a) for a in argv])
+    except SystemExit as e:  # argparse
+        code = e.code
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def run_subprocess(*argv, timeout=120):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def assert_usage_error(code, err, *words):
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for w in words:
+        assert w in lines[0], err
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = cli.main(["train", *TOY, "--steps", "2", "--eval-every", "2", "--out-dir", str(out)])
+    assert code == 0
+    return out / "checkpoint.pt"
+
+
+def parse_train(*argv):
+    return cli.train_configs(cli.build_parser().parse_args(["train", *argv]))
+
+
+def test_defaults_are_the_dataclass_defaults():
+    cfg, model_cfg, solve_cfg = parse_train("--task", "prefix_sums")
+    task = get_task("prefix_sums")
+    assert cfg == TrainConfig(task="prefix_sums")
+    assert cfg.steps == 3000 and cfg.batch_size == 64 and cfg.lr == 1e-3 and cfg.out_dir == "runs/prefix_sums"
+    assert model_cfg == ModelConfig(vocab_size=task.vocab_size, n_classes=task.n_classes, **task.model_defaults)
+    assert solve_cfg == SolveConfig(**getattr(task, "solve_defaults", {}))
+
+
+def test_explicit_flags_win():
+    cfg, model_cfg, solve_cfg = parse_train(
+        "--task", "prefix_sums", "--window", "2", "--recall", "internal", "--norm", "pre", "--z0", "zeros",
+        "--solver", "broyden", "--tol", "1e-5", "--backward", "phantom", "--train-difficulties", "16,24",
+        "--seed", "7", "--device", "cpu")
+    assert (model_cfg.window, model_cfg.recall, model_cfg.norm, model_cfg.z0) == (2, "internal", "pre", "zeros")
+    assert (solve_cfg.solver, solve_cfg.tol, solve_cfg.backward) == ("broyden", 1e-5, "phantom")
+    assert parse_train("--task", "prefix_sums", "--max-iter", "7")[2].max_iter == 7
+    assert (cfg.train_difficulties, cfg.seed, cfg.device) == ((16, 24), 7, "cpu")
+    assert parse_train("--task", "prefix_sums", "--window", "none")[1].window is None
+
+
+def test_train_writes_checkpoint_and_metrics(ckpt):
+    saved = load_checkpoint(ckpt)
+    assert saved["step"] == 2 and saved["model_config"]["d_model"] == 16
+    lines = [json.loads(x) for x in (ckpt.parent / "metrics.jsonl").read_text().splitlines()]
+    assert [r["kind"] for r in lines] == ["train", "train", "eval"]
+    assert set(lines[-1]["acc"]) == {"8", "12"}
+
+
+@pytest.mark.parametrize("argv,words", [
+    (["--solver", "andersen"], ["unknown solver 'andersen'", "anderson"]),
+    (["--b-solver", "nope"], ["unknown solver 'nope'"]),
+    (["--d-model", "30", "--heads", "4"], ["not divisible"]),
+    (["--steps", "0"], ["steps must be >= 1"]),
+    (["--norm", "layer"], ["invalid choice"]),
+    (["--train-difficulties", "8,x"], ["comma-separated integers"]),
+])
+def test_train_bad_flags(capsys, tmp_path, argv, words):
+    assert_usage_error(*run(capsys, "train", "--task", "prefix_sums", "--out-dir", tmp_path, *argv)[::2], *words)
+
+
+def test_train_unknown_task(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "--task", "sudok", "--out-dir", tmp_path)
+    assert_usage_error(code, err, "unknown task", "prefix_sums")
+
+
+def test_train_existing_run_and_resume_errors(capsys, ckpt, tmp_path):
+    out = ckpt.parent
+    assert_usage_error(*run(capsys, "train", *TOY, "--out-dir", out)[::2], "exists", "--resume")
+    code, _, err = run(capsys, "train", *TOY, "--out-dir", out, "--resume", "--lr", "0.5")
+    assert_usage_error(code, err, "--lr 0.5 differs")
+    assert_usage_error(*run(capsys, "train", "--task", "prefix_sums", "--out-dir", tmp_path, "--resume")[::2],
+                       "no such file")
+
+
+def test_resume_takes_settings_from_checkpoint(capsys, ckpt, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "checkpoint.pt").write_bytes(ckpt.read_bytes())
+    code, _, err = run(capsys, "train", "--task", "prefix_sums", "--out-dir", out, "--resume", "--steps", "3",
+                       "--d-model", "16")  # repeating a stored value is fine
+    assert code == 0, err
+    saved = load_checkpoint(out / "checkpoint.pt")
+    assert saved["step"] == 3 and saved["train_config"]["batch_size"] == 8
+
+
+def test_eval_writes_json_and_png(capsys, ckpt, tmp_path):
+    code, out, err = run(capsys, "eval", ckpt, "--iters", "2,4", "--n", "6", "--json", tmp_path / "e.json",
+                         "--plot", tmp_path / "e.png", "--device", "cpu")
+    assert code == 0, err
+    assert "max_iter 4" in out and "difficulty" in out
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert report["iters"] == [2, 4] and report["difficulties"] == [8, 12] and report["n"] == 6
+    cells = {(c["difficulty"], c["max_iter"]): c for c in report["cells"]}
+    assert set(cells) == {(8, 2), (8, 4), (12, 2), (12, 4)}
+    assert all(0 <= c["acc"] <= 1 and 0 <= c["converged"] <= 1 and 1 <= c["solver_steps"] <= c["max_iter"]
+               for c in cells.values())
+    assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_default_budgets_and_paths(capsys, ckpt):
+    code, _, err = run(capsys, "eval", ckpt, "--n", "2", "--difficulties", "8", "--device", "cpu")
+    assert code == 0, err
+    report = json.loads((ckpt.parent / "eval.json").read_text())
+    task_budget = getattr(get_task("prefix_sums"), "eval_max_iter", lambda d: 10)(8)
+    # the training max_iter 10 doubled up to 8x, and the task's budget at difficulty 8
+    assert report["iters"] == sorted({10, 20, 40, 80, max(10, task_budget)})
+    assert report["eval_max_iter"] == {"8": max(10, task_budget)}
+    assert (ckpt.parent / "eval.png").exists()
+
+
+def test_eval_bad_inputs(capsys, ckpt, tmp_path):
+    assert_usage_error(*run(capsys, "eval", tmp_path / "none.pt")[::2], "no such file")
+    assert_usage_error(*run(capsys, "eval", ckpt, "--iters", "0,4")[::2], "positive integers")
+    assert_usage_error(*run(capsys, "eval", ckpt, "--json", tmp_path / "no" / "e.json")[::2], "does not exist")
+
+
+def test_solve(capsys, ckpt):
+    code, out, err = run(capsys, "solve", ckpt, "0110100", "--device", "cpu")
+    assert code == 0, err
+    answer, steps = out.splitlines()[:2]
+    assert len(answer) == 7 and set(answer) <= {"0", "1"}
+    assert steps.startswith("solver: ") and "residual" in steps and "status" in steps
+
+
+def test_solve_bad_input_subprocess(ckpt):
+    # The real entry point: exit code 2, one line on stderr, no traceback.
+    r = run_subprocess("cli.py", "solve", ckpt, "01x2")
+    assert_usage_error(r.returncode, r.stderr, "only 0 and 1")
+
+
+def test_garbage_checkpoint_subprocess(tmp_path):
+    bad = tmp_path / "garbage.pt"
+    bad.write_bytes(b"\x00garbage" * 100)
+    r = run_subprocess("cli.py", "eval", bad)
+    assert_usage_error(r.returncode, r.stderr, str(bad), "not a checkpoint")
+
+
+def test_solve_bad_inputs(capsys, ckpt, tmp_path):
+    assert_usage_error(*run(capsys, "solve", ckpt, "")[::2], "empty")
+    assert_usage_error(*run(capsys, "solve", tmp_path / "none.pt", "01")[::2], "no such file")
+    garbage = tmp_path / "g.pt"
+    garbage.write_text("hello")
+    assert_usage_error(*run(capsys, "solve", garbage, "01")[::2], "not a checkpoint")
+    assert_usage_error(*run(capsys, "solve", ckpt)[::2], "required")
+    assert_usage_error(*run(capsys, "frobnicate")[::2], "invalid choice")
+
+
+def test_torchrun_two_processes(tmp_path):
+    out = tmp_path / "ddp"
+    r = run_subprocess("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "cli.py", "train",
+                       *TOY, "--steps", "3", "--eval-every", "3", "--device", "cpu", "--out-dir", out, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    saved = load_checkpoint(out / "checkpoint.pt")
+    assert saved["step"] == 3 and saved["world_size"] == 2
+    train_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in train_rows if r["kind"] == "train"] == [1, 2, 3]  # rank 0 alone writes
