@@ -71,7 +71,7 @@ class SolveConfig:
     b_max_iter: int = 40
     b_tol: float = 1e-4
     phantom_steps: int = 1  # k of phantom / k-step gradients, and of the progressive loss
-    progressive_alpha: float = 0.5  # weight of the progressive term (deep thinking)
+    progressive_alpha: float = 0.5  # weight of the progressive term (deep thinking); 1: that term alone
 
     def __post_init__(self):
         get_solver(self.solver)
@@ -79,6 +79,8 @@ class SolveConfig:
         check_options(self.solver, self.forward_options())
         if self.backward not in BACKWARDS:
             raise ValueError(f"backward must be one of {', '.join(BACKWARDS)}; got {self.backward!r}")
+        if not 0 <= self.progressive_alpha <= 1:
+            raise ValueError(f"progressive_alpha must be in [0, 1], got {self.progressive_alpha}")
 
     def forward_options(self, max_iter: int | None = None, tol: float | None = None) -> dict:
         return {"max_iter": self.max_iter if max_iter is None else max_iter,
@@ -208,17 +210,21 @@ class LoopedTransformer(nn.Module):
         x = self.embed_input(tokens)
         z0 = self.z_init(x)
         options = solve.forward_options(max_iter, tol)
-        # Deep thinking's full-depth term backpropagates through the whole unrolled loop.
+        progressive = solve.backward == "progressive" and torch.is_grad_enabled()
+        # Deep thinking's full-depth term backpropagates through the whole unrolled loop; with
+        # progressive_alpha = 1 it has no weight, and the fixed point is solved without gradient.
         grad = "unroll" if solve.backward == "progressive" else solve.backward
-        z, result = fixed_point(
-            self.cell(x), z0, solver=solve.solver, solver_options=options, grad=grad,
-            b_solver=solve.b_solver, b_solver_options={"max_iter": solve.b_max_iter, "tol": solve.b_tol},
-            phantom_steps=solve.phantom_steps, unroll_steps=options["max_iter"],
-        )
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not (progressive and solve.progressive_alpha == 1)):
+            z, result = fixed_point(
+                self.cell(x), z0, solver=solve.solver, solver_options=options, grad=grad,
+                b_solver=solve.b_solver, b_solver_options={"max_iter": solve.b_max_iter, "tol": solve.b_tol},
+                phantom_steps=solve.phantom_steps, unroll_steps=options["max_iter"],
+            )
+            logits = self.head_logits(z)
         prog = None
-        if solve.backward == "progressive" and torch.is_grad_enabled():
+        if progressive:
             prog = self.progressive_logits(x, z0, options["max_iter"], solve.phantom_steps, generator)
-        return self.head_logits(z), result, prog
+        return logits, result, prog
 
     def progressive_logits(self, x: Tensor, z0: Tensor, max_iter: int, k: int,
                            generator: torch.Generator | None) -> Tensor:

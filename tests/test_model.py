@@ -132,3 +132,14 @@ def test_bad_solve_config():
         SolveConfig(backward="implicit")
     with pytest.raises(TypeError, match="no option 'lam'"):
         SolveConfig(solver_options={"lam": 1e-4})
+
+
+def test_progressive_alone_skips_the_full_depth_gradient():
+    model = toy()
+    tokens = torch.zeros(2, 5, dtype=torch.long)
+    solve = SolveConfig(max_iter=6, backward="progressive", phantom_steps=2, progressive_alpha=1.0)
+    logits, result, prog = model(tokens, solve, generator=torch.Generator().manual_seed(0))
+    assert not logits.requires_grad and result.solver == "anderson"  # the fixed point, for logging
+    assert prog.requires_grad
+    with pytest.raises(ValueError, match="progressive_alpha"):
+        SolveConfig(progressive_alpha=1.5)
