@@ -33,7 +33,7 @@ EVAL_TOKENS = 32768  # examples per forward pass x their length: bounds the memo
 
 def test_set(task: Task, difficulty: int, n: int) -> Batch:
     """The fixed test set of `n` examples at `difficulty` (the first n of a larger one are the same)."""
-    return task.generate(n, difficulty, np.random.default_rng([EVAL_SEED, difficulty, EVAL_STREAM]))
+    return task.generate(n, difficulty, np.random.default_rng([EVAL_SEED, difficulty, EVAL_STREAM]), "test")
 
 
 def eval_max_iter(task: Task, solve: SolveConfig, difficulty: int) -> int:
@@ -51,17 +51,21 @@ def evaluate(model: nn.Module, task: Task, solve: SolveConfig, batch: Batch, *, 
 
     Returns floats: acc (fraction exactly right), solver_steps (mean evaluations of f per example),
     converged (fraction whose solve reached tol), max_residual (worst residual; inf if
-    any was not finite), and n (examples).
+    any was not finite), n (examples), and the mean of each of the task's own `metrics`.
     """
     was_training = model.training
     model.eval()
     chunk = max(1, max_tokens // max(1, batch.inputs.shape[1]))
     correct, steps, converged, worst = 0, 0.0, 0, 0.0
+    extra: dict[str, float] = {}
     for start in range(0, len(batch), chunk):
         rows = slice(start, start + chunk)
         part = Batch(batch.inputs[rows], batch.targets[rows], batch.difficulty[rows]).to(device)
         logits, result, _ = model(part.inputs, solve, max_iter=max_iter)
-        correct += int(task.exact_match(task.predict(logits, part.inputs), part).sum())
+        pred = task.predict(logits, part.inputs)
+        correct += int(task.exact_match(pred, part).sum())
+        for name, values in task.metrics(pred, part).items():
+            extra[name] = extra.get(name, 0.0) + float(values.double().sum())
         steps += float(result.n_steps.double().sum())
         converged += int(result.converged.sum())
         res = result.residual
@@ -69,7 +73,7 @@ def evaluate(model: nn.Module, task: Task, solve: SolveConfig, batch: Batch, *, 
     model.train(was_training)
     n = len(batch)
     return {"acc": correct / n, "solver_steps": steps / n, "converged": converged / n,
-            "max_residual": worst, "n": n}
+            "max_residual": worst, "n": n, **{name: total / n for name, total in extra.items()}}
 
 
 def default_iters(solve: SolveConfig, task: Task, difficulties) -> list[int]:

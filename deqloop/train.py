@@ -28,7 +28,6 @@ from typing import Callable
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
                            TimeRemainingColumn)
 from torch import Tensor
@@ -37,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 from deqloop.checkpoint import CheckpointError, configs, load_checkpoint, save_checkpoint
 from deqloop.evaluate import eval_max_iter, evaluate, test_set
 from deqloop.model import ModelConfig, SolveConfig, build_model
-from tasks import IGNORE, get_task
+from tasks import Task, get_task
 
 # Seed word of the progressive loss's random depth, in the place where the data stream has the
 # rank, so the two streams never coincide (see deqloop.evaluate.EVAL_STREAM).
@@ -123,11 +122,12 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def compute_loss(logits: Tensor, prog_logits: Tensor | None, targets: Tensor, solve: SolveConfig) -> Tensor:
-    """Cross-entropy at the fixed point, mixed with the progressive term when the model returns one."""
-    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+def compute_loss(task: Task, logits: Tensor, prog_logits: Tensor | None, targets: Tensor,
+                 solve: SolveConfig) -> Tensor:
+    """The task's loss at the fixed point, mixed with the progressive term when the model returns one."""
+    loss = task.loss(logits, targets)
     if prog_logits is not None:
-        prog = F.cross_entropy(prog_logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        prog = task.loss(prog_logits, targets)
         loss = (1 - solve.progressive_alpha) * loss + solve.progressive_alpha * prog
     return loss
 
@@ -281,7 +281,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
             generator = torch.Generator().manual_seed(stream_seed(cfg.seed, step, PROGRESSIVE_STREAM))
 
             logits, result, prog_logits = model(batch.inputs, solve_cfg, generator=generator)
-            loss = compute_loss(logits, prog_logits, batch.targets, solve_cfg)
+            loss = compute_loss(task, logits, prog_logits, batch.targets, solve_cfg)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 IGNORE = -100  # target value of positions that are not scored (cross_entropy's ignore_index)
@@ -47,18 +48,30 @@ class Task(ABC):
         return 50
 
     @abstractmethod
-    def generate(self, n: int, difficulty: int, rng: np.random.Generator) -> Batch:
-        """n examples of one difficulty."""
+    def generate(self, n: int, difficulty: int, rng: np.random.Generator, split: str = "train") -> Batch:
+        """n examples of one difficulty from `split` ("train" or "test").
 
-    def sample(self, n: int, difficulties, rng: np.random.Generator) -> Batch:
+        Tasks that draw from a finite generated pool (sudoku, chess) keep the two splits disjoint;
+        tasks that generate fresh examples on the fly (prefix sums) may ignore `split`.
+        """
+
+    def sample(self, n: int, difficulties, rng: np.random.Generator, split: str = "train") -> Batch:
         """n examples, each at a difficulty drawn uniformly from `difficulties`; padded by IGNORE."""
         counts = np.bincount(rng.integers(0, len(difficulties), n), minlength=len(difficulties))
-        parts = [self.generate(int(c), d, rng) for c, d in zip(counts, difficulties) if c]
+        parts = [self.generate(int(c), d, rng, split) for c, d in zip(counts, difficulties) if c]
         return concat(parts)
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Training loss of logits (N, T, C) against targets (N, T): mean cross-entropy per scored position."""
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
 
     def predict(self, logits: Tensor, inputs: Tensor) -> Tensor:
         """Class ids from logits (N, T, C) -> (N, T)."""
         return logits.argmax(-1)
+
+    def metrics(self, pred: Tensor, batch: Batch) -> dict[str, Tensor]:
+        """Per-example metrics beside exact match, each (N,) float; evaluation reports their means."""
+        return {}
 
     def exact_match(self, pred: Tensor, batch: Batch) -> Tensor:
         """(N,) bool: every scored position right."""

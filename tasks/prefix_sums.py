@@ -32,7 +32,7 @@ class PrefixSums(Task):
         # Information moves at most window - 1 = 3 positions per iteration; leave room to settle.
         return max(50, difficulty)
 
-    def generate(self, n: int, difficulty: int, rng: np.random.Generator) -> Batch:
+    def generate(self, n: int, difficulty: int, rng: np.random.Generator, split: str = "train") -> Batch:
         bits = rng.integers(0, 2, size=(n, difficulty))
         inputs = torch.from_numpy(bits).long()
         targets = torch.from_numpy(np.cumsum(bits, axis=1) % 2).long()

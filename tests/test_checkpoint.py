@@ -12,6 +12,7 @@ from deqloop import checkpoint
 from deqloop.checkpoint import CheckpointError, configs, load_checkpoint, load_model, save_checkpoint
 from deqloop.model import ModelConfig, SolveConfig, build_model
 from deqloop.train import TrainConfig, compute_loss
+from tasks import get_task
 
 
 
@@ -30,7 +31,7 @@ def saved(tmp_path_factory):
     model = build_model(MODEL_CFG, seed=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     logits, _, _ = model(TOKENS, SOLVE_CFG)
-    compute_loss(logits, None, TOKENS.cumsum(1) % 2, SOLVE_CFG).backward()
+    compute_loss(get_task("prefix_sums"), logits, None, TOKENS.cumsum(1) % 2, SOLVE_CFG).backward()
     optimizer.step()
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
     save_checkpoint(path, model=model, optimizer=optimizer, step=1, task="prefix_sums", model_cfg=MODEL_CFG,

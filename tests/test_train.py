@@ -47,7 +47,7 @@ def training_loss(model, solve) -> float:
     """The loss training minimizes, on all 256 strings (in grad mode: with "unroll", the unrolled output)."""
     with torch.enable_grad():
         logits, _, _ = model(ALL_INPUTS, solve)
-    return compute_loss(logits, None, ALL_TARGETS, solve).item()
+    return compute_loss(TASK, logits, None, ALL_TARGETS, solve).item()
 
 
 @pytest.mark.parametrize("recall,norm", list(itertools.product(RECALLS, NORMS)))
