@@ -12,14 +12,12 @@ See bench/README.md for the problems and the meaning of each column.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import inspect
 import json
 import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,6 +29,7 @@ from torch import Tensor, nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import solvers  # noqa: E402
+from bench._memory import peak_alloc_bytes  # noqa: E402
 from torchdeq import solver as tdsolver  # noqa: E402
 
 DTYPE = torch.float32
@@ -288,41 +287,6 @@ def _first_line(e: Exception) -> str:
     return lines[0][:90] if lines else ""
 
 
-@contextlib.contextmanager
-def _quiet_stderr():
-    """Silence the profiler's C++ log lines on fd 2."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with open(os.devnull, "w") as null:
-        os.dup2(null.fileno(), 2)
-    try:
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_alloc_bytes(fn: Callable[[], object]) -> int:
-    """Peak CPU bytes allocated by `fn` above the level at its start (torch.profiler events)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    fd, path = tempfile.mkstemp(suffix=".json")
-    os.close(fd)
-    try:
-        with _quiet_stderr():
-            prof.export_chrome_trace(path)
-        with open(path) as fh:
-            events = json.load(fh)["traceEvents"]
-    finally:
-        os.unlink(path)
-    mem = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
-    level = peak = 0
-    for e in mem:
-        level += e["args"]["Bytes"]
-        peak = max(peak, level)
-    return peak
 
 
 def broyden_memory(prob: Problem, tol: float) -> list[dict]:

@@ -28,6 +28,7 @@ EVAL_SEED = 0  # the test sets are the same for every run of a task, whatever it
 # rank there, so the two streams never meet (numpy's SeedSequence also equates [a, b] and
 # [a, b, 0]: a nonzero word keeps them apart).
 EVAL_STREAM = 2**30 + 1
+EVAL_N = 128  # examples per difficulty of the eval command (training's periodic evals use fewer)
 EVAL_TOKENS = 32768  # examples per forward pass x their length: bounds the memory of evaluation
 
 
@@ -87,7 +88,7 @@ def evaluate_checkpoint(path: str | Path, *, difficulties=None, iters=None, n: i
                         device: str | torch.device = "cpu", progress=None) -> dict:
     """The accuracy grid (difficulty x max_iter) of a checkpoint, as a plain dict (see `write_json`).
 
-    Defaults: the run's test difficulties, `default_iters`, and the run's eval_size examples.
+    Defaults: the run's test difficulties, `default_iters`, and EVAL_N examples per difficulty.
     `progress(difficulty, max_iter)` is called before each cell.
     """
     ckpt = load_checkpoint(path)
@@ -96,7 +97,7 @@ def evaluate_checkpoint(path: str | Path, *, difficulties=None, iters=None, n: i
     train_cfg = ckpt["train_config"]
     difficulties = list(difficulties or train_cfg.get("test_difficulties") or task.test_difficulties)
     iters = sorted(set(iters or default_iters(solve, task, difficulties)))
-    n = int(n or train_cfg.get("eval_size") or 256)
+    n = int(n or EVAL_N)
     cells = []
     for d in difficulties:
         batch = test_set(task, d, n)

@@ -57,7 +57,7 @@ class TrainConfig:
     train_difficulties: tuple[int, ...] | None = None  # None: the task's train_difficulties
     test_difficulties: tuple[int, ...] | None = None  # None: the task's test_difficulties
     eval_every: int = 1000  # evaluate every this many steps and at the last (0: never)
-    eval_size: int = 128  # test examples per difficulty (the final eval command can use more)
+    eval_size: int = 32  # test examples per difficulty: a progress check (the eval command uses 128)
     log_every: int = 10  # a train row in metrics.jsonl every this many steps and at the last
     ckpt_every: int = 500  # save out_dir/checkpoint.pt every this many steps and at the last (0: last only)
     keep_checkpoints: bool = False  # also keep out_dir/checkpoint_step{N}.pt of every save
