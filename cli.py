@@ -1,9 +1,10 @@
-"""deqloop's command line: train, eval, solve.
+"""deqloop's command line: train, eval, solve, diagnose.
 
     python cli.py train --task prefix_sums [--recall internal --norm outer ...] [--resume]
     torchrun --nproc_per_node 2 cli.py train --task prefix_sums --device cpu
     python cli.py eval runs/prefix_sums/checkpoint.pt [--iters 40,80,160] [--json out.json] [--plot out.png]
     python cli.py solve runs/prefix_sums/checkpoint.pt 0110101
+    python cli.py diagnose runs/prefix_sums/checkpoint.pt [--difficulty 32,512] [--n-inputs 32] [--plots dir]
 
 A subcommand is one entry of COMMANDS: `add_<name>(parser)` declares its flags, `run_<name>(args)`
 does the work and returns the exit code. A bad input (unknown name, bad checkpoint, malformed
@@ -24,7 +25,10 @@ import torch
 from rich.console import Console
 
 from deqloop.checkpoint import CheckpointError, configs, load_checkpoint, load_model
-from deqloop.evaluate import evaluate_checkpoint, plot, print_table, write_json
+from deqloop.diagnose import DiagnoseSettings, diagnose_checkpoint
+from deqloop.diagnose import plot as plot_diagnose
+from deqloop.diagnose import print_table as print_diagnose
+from deqloop.evaluate import EVAL_N, evaluate_checkpoint, plot, print_table, write_json
 from deqloop.model import BACKWARDS, NORMS, RECALLS, Z0S, ModelConfig, SolveConfig
 from deqloop.train import RUN_CONTROL, ConfigError, Interrupted, TrainConfig, resolve_device, train
 from tasks import TaskInputError, get_task
@@ -54,14 +58,21 @@ def int_list(text: str) -> tuple[int, ...]:
     return values
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def int_at_least(low: int, what: str):
+    """An argparse type: an integer >= low, else the error 'expected {what}'."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1, "a positive integer")
+non_negative_int = int_at_least(0, "an integer >= 0")
 
 
 def window_arg(text: str) -> int | None:
@@ -228,7 +239,7 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int_list, metavar="N,N,..",
                    help="comma-separated max_iter budgets (default: the training max_iter doubled up to 8x, "
                         "plus the task's budget per difficulty)")
-    p.add_argument("--n", type=positive_int, help="test examples per difficulty (default: the run's eval_size)")
+    p.add_argument("--n", type=positive_int, help=f"test examples per difficulty (default: {EVAL_N})")
     p.add_argument("--json", metavar="PATH",
                    help="write every number here (default: eval.json beside the checkpoint)")
     p.add_argument("--plot", metavar="PATH", help="write the plot here (default: eval.png beside the checkpoint)")
@@ -287,12 +298,85 @@ def run_solve(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- diagnose
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_diagnose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint.pt written by train")
+    p.add_argument("--difficulty", "--difficulties", dest="difficulties", type=int_list, metavar="N,N,..",
+                   help="comma-separated (default: the run's test difficulties)")
+    p.add_argument("--n-inputs", type=positive_int, default=default(DiagnoseSettings, "n_inputs"), metavar="N",
+                   help="test inputs per difficulty, at least 2 (default: %(default)s)")
+    p.add_argument("--n-starts", type=non_negative_int, default=default(DiagnoseSettings, "n_starts"), metavar="N",
+                   help="seeded random starts per input besides the model's z0 (default: %(default)s)")
+    p.add_argument("--n-geometry", type=positive_int, default=default(DiagnoseSettings, "n_geometry"), metavar="N",
+                   help="inputs per difficulty for sensitivity and geometry, the costly part (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=default(DiagnoseSettings, "seed"),
+                   help="seed of the random starts and directions (default: %(default)s)")
+    p.add_argument("--cluster-tol", type=positive_float, default=default(DiagnoseSettings, "cluster_tol"),
+                   metavar="X", help="fixed points closer than X times their median norm are one "
+                                     "(default: %(default)s)")
+    p.add_argument("--json", metavar="PATH",
+                   help="write every number here (default: diagnose.json beside the checkpoint)")
+    p.add_argument("--plots", metavar="DIR",
+                   help="write diagnose_{residuals,spectral_radius,sensitivity}.png here, creating DIR "
+                        "(default: beside the checkpoint)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
+
+
+def run_diagnose(args) -> int:
+    json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "diagnose.json"
+    plot_dir = Path(args.plots) if args.plots else Path(args.checkpoint).parent
+    for parent in (json_path.parent, plot_dir.parent):  # fail before the work, not after
+        if not parent.is_dir():
+            raise UsageError(f"cannot write {json_path if parent == json_path.parent else plot_dir}: "
+                             f"directory {parent} does not exist")
+    try:
+        settings = DiagnoseSettings(n_inputs=args.n_inputs, n_starts=args.n_starts, n_geometry=args.n_geometry,
+                                    seed=args.seed, cluster_tol=args.cluster_tol)
+    except ValueError as e:
+        raise UsageError(one_line(e)) from None
+    device = device_arg(args.device)
+    load_checkpoint(args.checkpoint)  # a bad file is one line before the progress bar appears
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        job = bar.add_task("diagnosing", total=None)
+        try:
+            report = diagnose_checkpoint(
+                args.checkpoint, difficulties=args.difficulties, settings=settings, device=device,
+                progress=lambda what, done, total: bar.update(job, description=what, completed=done, total=total))
+        except TaskInputError as e:  # a difficulty the task cannot generate
+            raise UsageError(one_line(e)) from None
+    print_diagnose(report)
+    try:
+        plot_dir.mkdir(exist_ok=True)
+        write_json(report, json_path)
+        paths = plot_diagnose(report, plot_dir)
+    except OSError as e:
+        raise UsageError(f"cannot write {e.filename}: {e.strerror}") from None
+    print(f"wrote {json_path} and {', '.join(map(str, paths))}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------- main
 
 COMMANDS = {  # name: (help, add its flags, run it)
     "train": ("train a model; writes <out-dir>/checkpoint.pt and metrics.jsonl", add_train, run_train),
     "eval": ("accuracy per difficulty x iteration budget of a checkpoint", add_eval, run_eval),
     "solve": ("answer one INPUT with a checkpoint's model", add_solve, run_solve),
+    "diagnose": ("are a checkpoint's fixed points reachable, input-dependent, well-conditioned? (per difficulty)",
+                 add_diagnose, run_diagnose),
 }
 
 

@@ -1,0 +1,582 @@
+"""The paper's three axes, measured on any loop cell f(z, x) (docs/DESIGN.md §3, docs/DIAGNOSE.md).
+
+    reach = reachability(f, x, z0, n_starts=2, seed=0, method="fixed_point_iter", options={"tol": 1e-3})
+    count = countability(points, inputs, tol=1e-2)          # distinct fixed points vs inputs
+    shared = cross_residual(f, x, reach.z_star)               # is input i's z* a fixed point for input j?
+    sens = sensitivity(f, x, z_star, seed=0, ...)             # dz*/dx . v by the IFT vs finite differences
+    geom = geometry(f, x, z_star, seed=0, ...)                # rho(J), ||J||_2, sigma_min/cond of I - J, adjoint
+
+`f(z, x)` maps a state z (B, ...) and an input x (B, ...) to the next state (B, ...); it must
+treat samples independently (the diagnostics linearize it one sample at a time). An autonomous
+map `g(z)` is `lambda z, x: g(z)`. Norms are per sample, over all non-batch dimensions.
+
+Nothing here knows the model class. Sensitivity and geometry use products with J = df/dz and
+df/dx only, never a dense Jacobian at real sizes. Run them on a float64 copy of the cell: on the
+trained prefix-sums loop, IFT and finite differences agree to 4e-7 in float64 but only to 3e-2
+in float32 (same step). Every random choice (starts, directions, Krylov start vectors) takes a seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy.sparse.csgraph import connected_components
+from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigs, eigsh, gmres, svds
+from torch import Tensor
+
+from solvers import SolverResult, solve
+
+Cell = Callable[[Tensor, Tensor], Tensor]
+
+DENSE_MAX = 64  # states of at most this many numbers get an exact dense Jacobian instead of Krylov methods
+
+
+# ------------------------------------------------------------------------------------- helpers
+
+def norms(t: Tensor) -> Tensor:
+    """(B, ...) -> (B,) Euclidean norm over all non-batch dimensions."""
+    return t.reshape(t.shape[0], -1).norm(dim=1)
+
+
+def unit_directions(like: Tensor, seed: int) -> Tensor:
+    """Seeded Gaussian directions shaped like `like` (B, ...), each sample of norm 1."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    v = torch.randn(like.shape, generator=g, dtype=torch.float64).to(like.device, like.dtype)
+    return v / norms(v).clamp_min(torch.finfo(v.dtype).tiny).reshape(-1, *[1] * (v.dim() - 1))
+
+
+def _rel(a: Tensor, b: Tensor) -> Tensor:
+    """(B,) ||a - b|| / max(||a||, ||b||), 0 where both are exactly zero."""
+    num, den = norms(a - b), torch.maximum(norms(a), norms(b))
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
+
+
+def _math_attention():
+    """PyTorch's fused CPU attention has no double backward; its plain-ops version does."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: the default kernels
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+class Linearization:
+    """Products with J = df/dz and df/dx at (z, x), by reverse mode only.
+
+    J^T w is one vector-Jacobian product; J u is the "double-vjp" trick: J^T w is linear in w,
+    so J u = d<J^T w, u>/dw. It works for any cell autograd can differentiate twice (forward-mode
+    AD does not cover PyTorch's fused CPU attention), and after the graph is built once a J u
+    costs one backward pass. Shapes: every vector is shaped like z (B, ...), or x for `dfdx`.
+    """
+
+    def __init__(self, f: Cell, x: Tensor, z: Tensor):
+        with torch.enable_grad(), _math_attention():
+            self._z = z.detach().requires_grad_()
+            self._x = x.detach().requires_grad_()
+            self.fz = f(self._z, self._x)
+            self._w = torch.zeros_like(self.fz, requires_grad=True)
+            jt_z, jt_x = torch.autograd.grad(self.fz, (self._z, self._x), self._w, create_graph=True,
+                                             allow_unused=True)
+        self._jt_z, self._jt_x = jt_z, jt_x
+
+    def _grad(self, out: Tensor | None, wrt: Tensor, v: Tensor, like: Tensor) -> Tensor:
+        if out is None or not out.requires_grad:  # f does not depend on that argument at all
+            return torch.zeros_like(like)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(out, wrt, v, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(like) if g is None else g.detach()
+
+    def jvp(self, u: Tensor) -> Tensor:
+        """J u."""
+        return self._grad(self._jt_z, self._w, u, self.fz)
+
+    def vjp(self, w: Tensor) -> Tensor:
+        """J^T w."""
+        return self._grad(self.fz, self._z, w, self._z)
+
+    def dfdx(self, v: Tensor) -> Tensor:
+        """(df/dx) v: how one application of f moves when x moves along v."""
+        return self._grad(self._jt_x, self._w, v, self.fz)
+
+
+def _fix_input(f: Cell, x: Tensor):
+    """f(., x) as a solver calls it, also on the active rows `idx` (options subbatch=True)."""
+    return lambda z, idx=None: f(z, x if idx is None else x[idx])
+
+
+def _operator(n: int, matvec, rmatvec=None) -> LinearOperator:
+    return LinearOperator((n, n), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
+
+
+def _as_torch(fn, like: Tensor):
+    """A numpy (n,) -> numpy (n,) function from a torch function on one sample shaped like `like`."""
+
+    def apply(u: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(np.ascontiguousarray(u, dtype=np.float64).reshape(like.shape))
+        return fn(t.to(like.device, like.dtype)).reshape(-1).double().cpu().numpy()
+
+    return apply
+
+
+def _gmres(matvec, b: np.ndarray, *, rtol: float, max_matvecs: int, restart: int = 200):
+    """Solve A u = b by GMRES: (u, converged, iterations, relative residual ||b - Au|| / ||b||)."""
+    n = b.size
+    if not np.any(b):
+        return np.zeros_like(b), True, 0, 0.0
+    count = [0]
+    restart = max(1, min(n, restart))
+
+    def tick(_):
+        count[0] += 1
+
+    u, _ = gmres(_operator(n, matvec), b, rtol=rtol, atol=0.0, restart=restart,
+                 maxiter=max(1, math.ceil(max_matvecs / restart)), callback=tick, callback_type="pr_norm")
+    res = float(np.linalg.norm(b - matvec(u)) / np.linalg.norm(b))
+    return u, res <= 10 * rtol, count[0], res
+
+
+# ------------------------------------------------------------------------------------- reachability
+
+@dataclass(frozen=True)
+class Reachability:
+    """Solves from the model's z0 and from `n_starts` seeded random starts, per sample.
+
+    z_star:          (B, ...) the fixed point reached from z0 (the solver's best iterate).
+    converged:       (B,) bool, reached tol from z0.
+    n_steps:         (B,) evaluations of f from z0.
+    residual:        (B,) final residual from z0, in the solve's stop_mode.
+    trace:           (B, K) residual per evaluation from z0, nan after the sample stopped.
+    decay_rate:      (B,) geometric mean of residual ratios over the second half of the trace:
+                     an estimate of the contraction factor (nan with fewer than 3 residuals).
+    start_z:         (S, B, ...) fixed points reached from the random starts.
+    start_converged: (S, B) bool; start_n_steps (S, B).
+    path_distance:   (S, B) ||z*_s - z*|| / ||z*||: 0 when every start finds the same point.
+    """
+
+    z_star: Tensor
+    converged: Tensor
+    n_steps: Tensor
+    residual: Tensor
+    trace: Tensor
+    decay_rate: Tensor
+    start_z: Tensor
+    start_converged: Tensor
+    start_n_steps: Tensor
+    path_distance: Tensor
+
+    def path_independent(self, tol: float) -> Tensor:
+        """(B,) bool: converged from z0 and from every start, all within `tol` (relative) of z*."""
+        ok = self.converged & self.start_converged.all(0)
+        return ok & (self.path_distance <= tol).all(0)
+
+
+def decay_rate(trace: Tensor, n_steps: Tensor) -> Tensor:
+    """(B,) (r_last / r_mid) ** (1 / (last - mid)) over the second half of each sample's residuals."""
+    out = torch.full((trace.shape[0],), math.nan, dtype=torch.float64)
+    for b, n in enumerate(n_steps.tolist()):
+        r = trace[b, :n].double()
+        mid = n // 2
+        if n >= 3 and bool((r[mid:] > 0).all()):
+            out[b] = (r[n - 1] / r[mid]) ** (1.0 / (n - 1 - mid))
+    return out
+
+
+def random_starts(like: Tensor, n: int, seed: int, scale: Tensor) -> Tensor:
+    """(n, B, ...) seeded Gaussian states, sample b of norm scale[b] (the state's own scale)."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    r = torch.randn((n, *like.shape), generator=g, dtype=torch.float64).to(like.device, like.dtype)
+    r_norm = r.reshape(n, like.shape[0], like[0].numel()).norm(dim=2).clamp_min(torch.finfo(r.dtype).tiny)
+    return r * (scale[None] / r_norm).reshape(n, like.shape[0], *[1] * (like.dim() - 1))
+
+
+def solve_cell(f: Cell, x: Tensor, z0: Tensor, *, method: str = "fixed_point_iter",
+               options: dict | None = None) -> SolverResult:
+    """Solve z = f(z, x) from z0 with `solvers.solve(method, **options)`."""
+    return solve(_fix_input(f, x), z0, method=method, **dict(options or {}))
+
+
+def reachability(f: Cell, x: Tensor, z0: Tensor, *, n_starts: int = 2, seed: int = 0,
+                 method: str = "fixed_point_iter", options: dict | None = None,
+                 on_solve: Callable[[str], None] | None = None) -> Reachability:
+    """Solve z = f(z, x) from z0 and from `n_starts` random starts, with `solvers.solve(method, **options)`.
+
+    The random starts are seeded Gaussians scaled to the norm of the fixed point reached from z0
+    (or of z0 when that is zero), so they start where the state lives. `on_solve(what)` is
+    called before each solve (progress reporting). With `subbatch=True` in options, f is called
+    on the still-active samples only (valid since f treats samples independently).
+    """
+    if on_solve:
+        on_solve("from z0")
+    res = solve_cell(f, x, z0, method=method, options=options)
+    z_star = res.z
+    scale = norms(z_star)
+    scale = torch.where(scale > 0, scale, norms(z0))
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, math.sqrt(z0[0].numel())))
+    starts = random_starts(z0, n_starts, seed, scale)
+    results: list[SolverResult] = []
+    for s in range(n_starts):
+        if on_solve:
+            on_solve(f"from random start {s + 1}/{n_starts}")
+        results.append(solve_cell(f, x, starts[s], method=method, options=options))
+    start_z = torch.stack([r.z for r in results]) if results else z_star.new_zeros((0, *z_star.shape))
+    ref = norms(z_star).clamp_min(torch.finfo(z_star.dtype).tiny)
+    dist = torch.stack([norms(r.z - z_star) / ref for r in results]) if results else ref.new_zeros(0, len(ref))
+    empty = torch.zeros(0, z0.shape[0], dtype=torch.long)
+    return Reachability(
+        z_star=z_star, converged=res.converged, n_steps=res.n_steps, residual=res.residual, trace=res.trace,
+        decay_rate=decay_rate(res.trace, res.n_steps),
+        start_z=start_z,
+        start_converged=torch.stack([r.converged for r in results]) if results else empty.bool(),
+        start_n_steps=torch.stack([r.n_steps for r in results]) if results else empty,
+        path_distance=dist,
+    )
+
+
+# ------------------------------------------------------------------------------------- input-dependence
+
+@dataclass(frozen=True)
+class Countability:
+    """Fixed points clustered by relative distance (single linkage), against the inputs they came from.
+
+    labels:        (N,) cluster of each point, 0..n_distinct-1 in order of first appearance.
+    n_points, n_inputs, n_distinct: points clustered, distinct inputs among them, clusters.
+    cluster_sizes: points per cluster; inputs_per_cluster: distinct inputs per cluster.
+    n_shared:      clusters reached from two or more inputs.
+    tol, scale:    points closer than tol * scale are joined; scale is the median point norm.
+    max_within:    largest distance between a point and its cluster's first point, over scale.
+    min_between:   smallest distance between two clusters' first points, over scale (inf if < 2).
+    """
+
+    labels: Tensor
+    n_points: int
+    n_inputs: int
+    n_distinct: int
+    cluster_sizes: list[int]
+    inputs_per_cluster: list[int]
+    n_shared: int
+    tol: float
+    scale: float
+    max_within: float
+    min_between: float
+
+
+def _pairwise(points: Tensor, chunk: int = 1024) -> Tensor:
+    """(N, D) -> (N, N) Euclidean distances, a block of rows at a time (exact differences, no
+    ||a||^2 - 2ab + ||b||^2 cancellation)."""
+    rows = [torch.cdist(points[i: i + chunk], points, compute_mode="donot_use_mm_for_euclid_dist")
+            for i in range(0, len(points), chunk)]
+    return torch.cat(rows) if rows else points.new_zeros(0, 0)
+
+
+def countability(points: Tensor, inputs: Tensor | None = None, *, tol: float = 1e-2) -> Countability:
+    """Cluster fixed points (N, ...) and count distinct ones; `inputs` (N,) names the input of each.
+
+    Two points are joined when their distance is below tol times the median norm of the points;
+    clusters are the connected components of that graph, so the count does not depend on order.
+    """
+    return count_at(points, inputs, tols=(tol,))[0]
+
+
+def count_at(points: Tensor, inputs: Tensor | None = None, *, tols=(1e-2,)) -> list[Countability]:
+    """`countability` at several tolerances, from one matrix of pairwise distances."""
+    n = points.shape[0]
+    inputs = torch.arange(n) if inputs is None else inputs.reshape(-1).cpu()
+    if n == 0:
+        return [Countability(torch.zeros(0, dtype=torch.long), 0, 0, 0, [], [], 0, tol, 0.0, 0.0, math.inf)
+                for tol in tols]
+    flat = points.reshape(n, -1).double()
+    scale = float(flat.norm(dim=1).median())
+    scale = scale if scale > 0 else 1.0
+    dist = (_pairwise(flat) / scale).cpu()  # (N, N)
+    out = []
+    for tol in tols:
+        _, raw = connected_components((dist < tol).numpy(), directed=False)
+        # Relabel in order of first appearance, so labels are reproducible and readable.
+        order: dict[int, int] = {}
+        labels = torch.tensor([order.setdefault(int(c), len(order)) for c in raw], dtype=torch.long)
+        k = len(order)
+        first = torch.from_numpy(np.unique(labels.numpy(), return_index=True)[1])  # (k,) first point of each
+        sizes = torch.bincount(labels, minlength=k).tolist()
+        per_cluster = [len(set(inputs[labels == c].tolist())) for c in range(k)]
+        within = float(dist[first[labels], torch.arange(n)].max())
+        between = dist[first][:, first] + torch.diag(torch.full((k,), math.inf, dtype=dist.dtype))
+        out.append(Countability(
+            labels=labels, n_points=n, n_inputs=len(set(inputs.tolist())), n_distinct=k, cluster_sizes=sizes,
+            inputs_per_cluster=per_cluster, n_shared=sum(p > 1 for p in per_cluster), tol=tol, scale=scale,
+            max_within=within, min_between=float(between.min()) if k > 1 else math.inf,
+        ))
+    return out
+
+
+def cross_residual(f: Cell, x: Tensor, z_star: Tensor, shift: int = 1) -> Tensor:
+    """(B,) relative residual ||f(z*_b, x_c) - z*_b|| / ||f(z*_b, x_c)|| with c = b + shift (mod B).
+
+    Small for every pair: input b's fixed point is also one for input c, so the set of fixed
+    points does not depend on x (a no-recall cell gives exactly its own residual here).
+    """
+    with torch.no_grad():
+        fz = f(z_star, torch.roll(x, -shift, dims=0))
+    return norms(fz - z_star) / norms(fz).clamp_min(torch.finfo(fz.dtype).tiny)
+
+
+@dataclass(frozen=True)
+class Sensitivity:
+    """dz*/dx . v for a seeded unit direction v per sample, by the IFT and by finite differences.
+
+    tangent, fd_tangent: (B, ...) the two estimates of dz*/dx . v.
+    norm, fd_norm:  (B,) their norms: the sensitivity of z* to x along v.
+    relative:       (B,) norm * ||x|| / ||z*||: the relative change of z* per relative change of x.
+    direct:         (B,) ||(df/dx) v||: the same for one application of f (zero: f ignores x).
+    rel_error:      (B,) ||tangent - fd_tangent|| / max of the two norms (0 when both are zero).
+    ift_converged, ift_iters, ift_residual: (B,) the GMRES solve of (I - J) u = (df/dx) v.
+    fd_converged:   (B,) both perturbed solves reached their tolerance.
+    eps:            (B,) the finite-difference step along v.
+    """
+
+    tangent: Tensor
+    fd_tangent: Tensor
+    norm: Tensor
+    fd_norm: Tensor
+    relative: Tensor
+    direct: Tensor
+    rel_error: Tensor
+    ift_converged: Tensor
+    ift_iters: Tensor
+    ift_residual: Tensor
+    fd_converged: Tensor
+    eps: Tensor
+
+
+def ift_tangent(f: Cell, x: Tensor, z_star: Tensor, v: Tensor, *, rtol: float = 1e-10,
+                max_matvecs: int = 2000):
+    """dz*/dx . v = (I - J)^{-1} (df/dx) v per sample, by GMRES on products with J.
+
+    Returns (tangent (B, ...), direct (B, ...) = (df/dx) v, converged (B,), iterations (B,), residual (B,)).
+    GMRES needs I - J nonsingular only, not rho(J) < 1.
+    """
+    tangent, direct = torch.zeros_like(z_star), torch.zeros_like(z_star)
+    conv = torch.zeros(len(z_star), dtype=torch.bool)
+    iters = torch.zeros(len(z_star), dtype=torch.long)
+    resid = torch.zeros(len(z_star), dtype=torch.float64)
+    for b in range(len(z_star)):
+        lin = Linearization(f, x[b: b + 1], z_star[b: b + 1])
+        rhs = lin.dfdx(v[b: b + 1])
+        direct[b] = rhs[0]
+        a = _as_torch(lambda u: u - lin.jvp(u), rhs)
+        u, conv[b], iters[b], resid[b] = _gmres(a, rhs.reshape(-1).double().cpu().numpy(), rtol=rtol,
+                                                max_matvecs=max_matvecs)
+        tangent[b] = torch.as_tensor(u).reshape(rhs.shape[1:]).to(z_star)
+    return tangent, direct, conv, iters, resid
+
+
+def fd_tangent(f: Cell, x: Tensor, z_star: Tensor, v: Tensor, eps: Tensor, *,
+               method: str = "fixed_point_iter", options: dict | None = None):
+    """(z*(x + eps v) - z*(x - eps v)) / (2 eps), both solved from z* (same basin); (tangent, converged)."""
+    e = eps.reshape(-1, *[1] * (x.dim() - 1)).to(x)
+    sides = []
+    for sign in (1.0, -1.0):
+        xs = x + sign * e * v
+        sides.append(solve_cell(f, xs, z_star, method=method, options=options))
+    tangent = (sides[0].z - sides[1].z) / (2 * e)
+    return tangent, sides[0].converged & sides[1].converged
+
+
+def sensitivity(f: Cell, x: Tensor, z_star: Tensor, *, seed: int = 0, fd_eps: float = 1e-4,
+                method: str = "fixed_point_iter", fd_options: dict | None = None,
+                rtol: float = 1e-10, max_matvecs: int = 2000) -> Sensitivity:
+    """Sensitivity of z* to x along a seeded unit direction, by the IFT and by central differences.
+
+    The finite-difference step is fd_eps * max(||x||, 1) per sample; the perturbed fixed points
+    are solved with `solvers.solve(method, **fd_options)` from z* (give a tight tol, in float64).
+    """
+    v = unit_directions(x, seed)
+    tangent, direct, conv, iters, resid = ift_tangent(f, x, z_star, v, rtol=rtol, max_matvecs=max_matvecs)
+    eps = fd_eps * norms(x).clamp_min(1.0)
+    fd, fd_conv = fd_tangent(f, x, z_star, v, eps, method=method, options=fd_options)
+    norm = norms(tangent)
+    return Sensitivity(
+        tangent=tangent, fd_tangent=fd, norm=norm, fd_norm=norms(fd),
+        relative=norm * norms(x) / norms(z_star).clamp_min(torch.finfo(z_star.dtype).tiny),
+        direct=norms(direct), rel_error=_rel(tangent, fd), ift_converged=conv, ift_iters=iters,
+        ift_residual=resid, fd_converged=fd_conv, eps=eps,
+    )
+
+
+# ------------------------------------------------------------------------------------- geometry
+
+@dataclass(frozen=True)
+class Geometry:
+    """The linearization at z*, per sample (all (B,)).
+
+    spectral_radius: max |eigenvalue| of J (Arnoldi on J u; exact for states of <= DENSE_MAX numbers).
+    jacobian_norm:   ||J||_2, the largest singular value.
+    sigma_max, sigma_min: extreme singular values of I - J; cond = sigma_max / sigma_min.
+    converged:       the Krylov iterations (all four quantities) met their tolerance within budget.
+    matvecs:         (B,) int64, products with J or J^T spent on the four (n of them for a dense J).
+    adjoint_converged, adjoint_steps, adjoint_residual: the solve of g = J^T g + w (the IFT
+                     backward) with the package's solver, for a seeded unit w.
+    """
+
+    spectral_radius: Tensor
+    jacobian_norm: Tensor
+    sigma_max: Tensor
+    sigma_min: Tensor
+    cond: Tensor
+    converged: Tensor
+    matvecs: Tensor
+    adjoint_converged: Tensor
+    adjoint_steps: Tensor
+    adjoint_residual: Tensor
+
+
+def _dense_jacobian(lin: Linearization, like: Tensor) -> np.ndarray:
+    """(n, n) J of one sample from n products with basis vectors."""
+    n = like.numel()
+    eye = torch.eye(n, dtype=like.dtype, device=like.device)
+    return np.stack([lin.jvp(eye[i].reshape(like.shape)).reshape(-1).double().cpu().numpy() for i in range(n)],
+                    axis=1)
+
+
+def _start_vector(n: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(n)
+    return v / np.linalg.norm(v)
+
+
+class _Exhausted(Exception):
+    """A Krylov computation spent its budget of products with J, or an inner solve failed."""
+
+
+class _Budget:
+    """Counts products with J or J^T; the one past `limit` raises `_Exhausted`.
+
+    Near rho(J) = 1 or a singular I - J, ARPACK and GMRES can iterate for a very long time;
+    a budget keeps `diagnose` bounded and reports such a quantity as not converged.
+    """
+
+    def __init__(self, limit: int):
+        self.used, self.limit = 0, limit
+
+    def wrap(self, fn):
+        def counted(u):
+            self.used += 1
+            if self.used > self.limit:
+                raise _Exhausted
+            return fn(u)
+
+        return counted
+
+
+def _spectral_radius(j_mv, n: int, seed: int, tol: float, budget: _Budget) -> tuple[float, bool]:
+    """Largest |eigenvalue| of J by implicitly restarted Arnoldi (ARPACK)."""
+    k = min(3, n - 2)  # a few Ritz values: the dominant one of a real matrix may be a complex pair
+    try:
+        vals = eigs(_operator(n, budget.wrap(j_mv)), k=k, which="LM", v0=_start_vector(n, seed), tol=tol,
+                    maxiter=budget.limit, ncv=min(n, max(2 * k + 1, 30)), return_eigenvectors=False)
+        return float(np.abs(vals).max()), True
+    except ArpackNoConvergence as e:
+        return (float(np.abs(e.eigenvalues).max()) if len(e.eigenvalues) else math.nan), False
+    except (ArpackError, _Exhausted):
+        return math.nan, False
+
+
+def _sigma_max(mv, rmv, n: int, seed: int, tol: float, budget: _Budget) -> tuple[float, bool]:
+    """Largest singular value by Lanczos on A^T A (ARPACK through svds)."""
+    try:
+        s = svds(_operator(n, budget.wrap(mv), budget.wrap(rmv)), k=1, which="LM", v0=_start_vector(n, seed),
+                 tol=tol, maxiter=budget.limit, return_singular_vectors=False)
+        return float(s.max()), True
+    except ArpackNoConvergence as e:
+        return (float(np.sqrt(np.abs(e.eigenvalues).max())) if len(e.eigenvalues) else math.nan), False
+    except (ArpackError, _Exhausted):
+        return math.nan, False
+
+
+SIGMA_MIN_RTOL = 1e-8  # inner GMRES tolerance of the sigma_min iteration (ample for a 1e-3 estimate)
+
+
+def _sigma_min(a_mv, at_mv, n: int, seed: int, *, tol: float, budget: _Budget) -> tuple[float, bool]:
+    """Smallest singular value of A: Lanczos (ARPACK) for the largest eigenvalue of (A^T A)^{-1}.
+
+    Each product with (A^T A)^{-1} solves A y = w, then A^T w' = y, by GMRES; sigma_min =
+    1 / sqrt(lambda_max). Lanczos, not plain inverse iteration: the two smallest singular values
+    of the trained loops are often within a few percent, where power steps crawl. A GMRES solve
+    that fails (I - J singular or nearly so) ends the computation: nan, not converged.
+    """
+    a_mv, at_mv = budget.wrap(a_mv), budget.wrap(at_mv)
+
+    def inverse(w: np.ndarray) -> np.ndarray:
+        y, ok, _, _ = _gmres(a_mv, w.reshape(-1), rtol=SIGMA_MIN_RTOL, max_matvecs=budget.limit - budget.used)
+        if not ok:
+            raise _Exhausted
+        w_new, ok, _, _ = _gmres(at_mv, y, rtol=SIGMA_MIN_RTOL, max_matvecs=budget.limit - budget.used)
+        if not ok:
+            raise _Exhausted
+        return w_new
+
+    try:
+        lam = eigsh(_operator(n, inverse), k=1, which="LM", ncv=min(n, 6), v0=_start_vector(n, seed), tol=tol,
+                    maxiter=budget.limit, return_eigenvectors=False)
+        ok = True
+    except ArpackNoConvergence as e:
+        lam, ok = e.eigenvalues, False
+    except (ArpackError, _Exhausted):
+        return math.nan, False
+    lam = float(np.max(lam)) if len(lam) else math.nan
+    return (1 / math.sqrt(lam) if lam > 0 else math.nan), ok
+
+
+def adjoint_solve(f: Cell, x: Tensor, z_star: Tensor, *, seed: int = 0, method: str = "anderson",
+                  options: dict | None = None) -> SolverResult:
+    """Solve g = J^T g + w for a seeded unit w (B, ...) with `solvers.solve`, as the IFT backward does."""
+    lin = Linearization(f, x, z_star)
+    w = unit_directions(z_star, seed)
+    return solve(lambda g: lin.vjp(g) + w, torch.zeros_like(w), method=method, **dict(options or {}))
+
+
+def geometry(f: Cell, x: Tensor, z_star: Tensor, *, seed: int = 0, tol: float = 1e-3, max_matvecs: int = 2000,
+             adjoint_method: str = "anderson", adjoint_options: dict | None = None,
+             dense_max: int = DENSE_MAX, on_sample: Callable[[int], None] | None = None) -> Geometry:
+    """Spectral radius and norm of J at z*, singular values of I - J, and the adjoint solve; per sample.
+
+    Krylov methods (ARPACK Arnoldi and Lanczos; GMRES inside the sigma_min iteration) on products
+    with J, relative tolerance `tol`. Budget per sample: `max_matvecs` products with J or J^T for
+    each of rho, ||J||_2 and sigma_max, four times that for sigma_min (two linear solves per
+    Lanczos step); a quantity out of budget is nan and not converged. States of at most
+    `dense_max` numbers use the exact dense Jacobian. `on_sample(b)` is called before sample b.
+    """
+    cols = {k: [] for k in ("rho", "jnorm", "smax", "smin", "ok", "used")}
+    for b in range(len(z_star)):
+        if on_sample:
+            on_sample(b)
+        lin = Linearization(f, x[b: b + 1], z_star[b: b + 1])
+        like = z_star[b: b + 1]
+        n = like.numel()
+        if n <= dense_max:
+            jac = _dense_jacobian(lin, like)
+            s_a = np.linalg.svd(np.eye(n) - jac, compute_uv=False)
+            vals = (np.abs(np.linalg.eigvals(jac)).max(), np.linalg.norm(jac, 2), s_a.max(), s_a.min(), True, n)
+        else:
+            j_mv, jt_mv = _as_torch(lin.jvp, like), _as_torch(lin.vjp, like)
+            a_mv = _as_torch(lambda u: u - lin.jvp(u), like)  # I - J
+            at_mv = _as_torch(lambda u: u - lin.vjp(u), like)
+            budgets = [_Budget(max_matvecs) for _ in range(3)] + [_Budget(4 * max_matvecs)]
+            rho, ok_rho = _spectral_radius(j_mv, n, seed, tol, budgets[0])
+            jnorm, ok_j = _sigma_max(j_mv, jt_mv, n, seed, tol, budgets[1])
+            smax, ok_a = _sigma_max(a_mv, at_mv, n, seed, tol, budgets[2])
+            smin, ok_m = _sigma_min(a_mv, at_mv, n, seed, tol=tol, budget=budgets[3])
+            vals = (rho, jnorm, smax, smin, ok_rho and ok_j and ok_a and ok_m, sum(b.used for b in budgets))
+        for key, val in zip(cols, vals):
+            cols[key].append(val)
+    adj = adjoint_solve(f, x, z_star, seed=seed, method=adjoint_method, options=adjoint_options)
+    t = lambda key: torch.tensor(cols[key], dtype=torch.float64)
+    return Geometry(
+        spectral_radius=t("rho"), jacobian_norm=t("jnorm"), sigma_max=t("smax"), sigma_min=t("smin"),
+        cond=t("smax") / t("smin"), converged=torch.tensor(cols["ok"], dtype=torch.bool),
+        matvecs=torch.tensor(cols["used"], dtype=torch.long),
+        adjoint_converged=adj.converged, adjoint_steps=adj.n_steps, adjoint_residual=adj.residual,
+    )
