@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (UsageError, CheckpointError) as e:
+    except (UsageError, CheckpointError, TaskInputError) as e:  # TaskInputError: e.g. an unknown difficulty
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -14,7 +14,8 @@ IGNORE = -100  # target value of positions that are not scored (cross_entropy's 
 
 
 class TaskInputError(ValueError):
-    """A user's input that the task cannot parse; the message is one line."""
+    """A user's input or request the task cannot serve (a malformed puzzle, a difficulty it has no
+    data for, a missing dataset file); the message is one line and the CLI prints it as an error."""
 
 
 @dataclass(frozen=True)

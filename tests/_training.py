@@ -1,0 +1,23 @@
+"""Shared by the tasks' smoke tests: a tiny model fitted to one fixed batch."""
+
+import torch
+
+from deqloop.model import ModelConfig, SolveConfig, build_model
+
+
+def fit_fixed_batch(task, batch, *, max_iter: int, steps: int, lr: float) -> list[float]:
+    """Losses of `steps` Adam steps of a d_model=32 model with the task's defaults on `batch`."""
+    cfg = ModelConfig(vocab_size=task.vocab_size, n_classes=task.n_classes,
+                      **{**task.model_defaults, "d_model": 32, "n_heads": 2})
+    solve = SolveConfig(**{**task.solve_defaults, "max_iter": max_iter})
+    model = build_model(cfg, seed=0)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        logits, _, _ = model(batch.inputs, solve)
+        loss = task.loss(logits, batch.targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
