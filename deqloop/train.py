@@ -316,8 +316,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
                     cells = {str(d): evaluate(raw_model, task, solve_cfg, b, max_iter=eval_iters[d], device=device)
                              for d, b in test_sets.items()}
                     row = {"kind": "eval", "step": step}
-                    for key in ("acc", "solver_steps", "converged", "max_residual"):
-                        row[key] = {d: c[key] for d, c in cells.items()}
+                    for key in next(iter(cells.values())):  # acc, solver_steps, ... and the task's metrics
+                        if key != "n":
+                            row[key] = {d: c[key] for d, c in cells.items()}
                     row["max_iter"] = {str(d): k for d, k in eval_iters.items()}
                     log(row)
                     if progress.console.is_terminal:
