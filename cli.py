@@ -272,7 +272,9 @@ def run_eval(args) -> int:
 def add_solve(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint.pt written by train")
     p.add_argument("input", metavar="INPUT", help="one problem in the task's text form (prefix_sums: 0110...)")
-    p.add_argument("--max-iter", type=positive_int, help="solver budget (default: the training max_iter)")
+    p.add_argument("--max-iter", type=positive_int,
+                   help="solver budget (default: the larger of the training max_iter and the task's budget "
+                        "for this input; the solver stops earlier once it converges)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
 
 
@@ -285,14 +287,15 @@ def run_solve(args) -> int:
         tokens = task.parse(args.input).to(device)
     except TaskInputError as e:
         raise UsageError(one_line(e)) from None
+    max_iter = args.max_iter or max(solve_cfg.max_iter, task.solve_max_iter(tokens))
     with torch.no_grad():
         try:
-            logits, result, _ = model(tokens, solve_cfg, max_iter=args.max_iter)
+            logits, result, _ = model(tokens, solve_cfg, max_iter=max_iter)
         except ValueError as e:  # e.g. an input longer than a fixed-size model's positions
             raise UsageError(one_line(e)) from None
     pred = task.predict(logits, tokens)
     print(task.decode(tokens[0].cpu(), pred[0].cpu()))
-    print(f"solver: {int(result.n_steps[0])} steps (max_iter {args.max_iter or solve_cfg.max_iter}), "
+    print(f"solver: {int(result.n_steps[0])} steps (max_iter {max_iter}), "
           f"residual {float(result.residual[0]):.3g} ({result.stop_mode}), status {result.status.name}")
     print(result.message)
     return 0

@@ -48,6 +48,12 @@ class Task(ABC):
         """Iteration budget the loop needs at `difficulty`; harder examples need more."""
         return 50
 
+    def solve_max_iter(self, tokens: Tensor) -> int:
+        """Iteration budget for a user's input (`cli.py solve`), whose difficulty is unknown: the
+        budget of the hardest test difficulty. Tasks that can tell the difficulty from the tokens
+        (prefix sums: the length) override it."""
+        return max(self.eval_max_iter(d) for d in self.test_difficulties)
+
     @abstractmethod
     def generate(self, n: int, difficulty: int, rng: np.random.Generator, split: str = "train") -> Batch:
         """n examples of one difficulty from `split` ("train" or "test").

@@ -32,6 +32,9 @@ class PrefixSums(Task):
         # Information moves at most window - 1 = 3 positions per iteration; leave room to settle.
         return max(50, difficulty)
 
+    def solve_max_iter(self, tokens: Tensor) -> int:
+        return self.eval_max_iter(tokens.shape[1])
+
     def generate(self, n: int, difficulty: int, rng: np.random.Generator, split: str = "train") -> Batch:
         bits = rng.integers(0, 2, size=(n, difficulty))
         inputs = torch.from_numpy(bits).long()

@@ -164,6 +164,14 @@ def test_solve(capsys, ckpt):
     assert steps.startswith("solver: ") and "residual" in steps and "status" in steps
 
 
+def test_solve_budget_is_the_tasks_for_the_input_unless_given(capsys, ckpt):
+    # prefix sums' budget for a 300-bit input is 300 > the training max_iter 10; --max-iter wins
+    _, out, _ = run(capsys, "solve", ckpt, "01" * 150, "--device", "cpu")
+    assert "(max_iter 300)" in out.splitlines()[1]
+    _, out, _ = run(capsys, "solve", ckpt, "01" * 150, "--max-iter", "3", "--device", "cpu")
+    assert "solver: 3 steps (max_iter 3)" in out.splitlines()[1]
+
+
 def test_solve_bad_input_subprocess(ckpt):
     # The real entry point: exit code 2, one line on stderr, no traceback.
     r = run_subprocess("cli.py", "solve", ckpt, "01x2")
