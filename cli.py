@@ -184,7 +184,7 @@ def train_configs(args) -> tuple[TrainConfig, ModelConfig, SolveConfig]:
         return resumed_configs(args.task, given)
     model_cfg = ModelConfig(vocab_size=task.vocab_size, n_classes=task.n_classes,
                             **{**task.model_defaults, **given["model"]})
-    solve_cfg = SolveConfig(**{**getattr(task, "solve_defaults", {}), **given["solve"]})
+    solve_cfg = SolveConfig(**{**task.solve_defaults, **given["solve"]})
     return TrainConfig(task=args.task, **given["train"]), model_cfg, solve_cfg
 
 
@@ -283,10 +283,7 @@ def run_solve(args) -> int:
     ckpt = load_checkpoint(args.checkpoint)
     model, task = load_model(ckpt, device)
     _, solve_cfg = configs(ckpt)
-    try:
-        tokens = task.parse(args.input).to(device)
-    except TaskInputError as e:
-        raise UsageError(one_line(e)) from None
+    tokens = task.parse(args.input).to(device)  # a malformed INPUT: TaskInputError, one line from main
     max_iter = args.max_iter or max(solve_cfg.max_iter, task.solve_max_iter(tokens))
     with torch.no_grad():
         try:
@@ -355,12 +352,9 @@ def run_diagnose(args) -> int:
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         job = bar.add_task("diagnosing", total=None)
-        try:
-            report = diagnose_checkpoint(
-                args.checkpoint, difficulties=args.difficulties, settings=settings, device=device,
-                progress=lambda what, done, total: bar.update(job, description=what, completed=done, total=total))
-        except TaskInputError as e:  # a difficulty the task cannot generate
-            raise UsageError(one_line(e)) from None
+        report = diagnose_checkpoint(
+            args.checkpoint, difficulties=args.difficulties, settings=settings, device=device,
+            progress=lambda what, done, total: bar.update(job, description=what, completed=done, total=total))
     print_diagnose(report)
     try:
         plot_dir.mkdir(exist_ok=True)
@@ -397,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (UsageError, CheckpointError, TaskInputError) as e:  # TaskInputError: e.g. an unknown difficulty
+    except (UsageError, CheckpointError, TaskInputError) as e:  # TaskInputError: bad INPUT, unknown difficulty
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

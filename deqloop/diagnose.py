@@ -28,7 +28,6 @@ from torch import Tensor
 from deqloop import diagnostics as dx
 from deqloop.checkpoint import configs, load_checkpoint, load_model
 from deqloop.evaluate import eval_max_iter, test_set, write_json
-from tasks import TaskInputError
 
 __all__ = ["THRESHOLDS", "DiagnoseSettings", "diagnose_checkpoint", "plot", "print_table", "verdicts", "write_json"]
 
@@ -112,12 +111,7 @@ def diagnose_checkpoint(path: str | Path, *, difficulties=None, settings: Diagno
 
 def _diagnose_difficulty(model, model64, task, solve, d: int, s: DiagnoseSettings, tick) -> dict:
     start = time.time()
-    try:
-        batch = test_set(task, d, s.n_inputs)
-    except TaskInputError:
-        raise
-    except ValueError as e:  # e.g. more inputs than a task's fixed test pool holds
-        raise TaskInputError(f"{task.name} difficulty {d}: {e}") from None
+    batch = test_set(task, d, s.n_inputs)  # a difficulty or size the task cannot serve: TaskInputError
     device = next(model.parameters()).device
     tokens = batch.inputs.to(device)
     budget = eval_max_iter(task, solve, d)
@@ -456,35 +450,22 @@ def plot(report: dict, directory: str | Path, prefix: str = "diagnose_") -> list
 
 # ------------------------------------------------------------------------------------- numbers
 
-def _finite(t: Tensor) -> Tensor:
-    t = t.detach().double().reshape(-1).cpu()
-    return t[torch.isfinite(t)]
+def _finite_stat(op):
+    """A summary `op` of a tensor's finite values as a float, nan if it has none."""
+    def stat(t: Tensor) -> float:
+        t = t.detach().double().reshape(-1).cpu()
+        t = t[torch.isfinite(t)]
+        return float(op(t)) if t.numel() else math.nan
+    return stat
 
 
-def _mean(t: Tensor) -> float:
-    t = _finite(t)
-    return float(t.mean()) if t.numel() else math.nan
-
-
-def _median(t: Tensor) -> float:
-    t = _finite(t)
-    return float(t.median()) if t.numel() else math.nan
-
-
-def _max(t: Tensor) -> float:
-    t = _finite(t)
-    return float(t.max()) if t.numel() else math.nan
+_mean, _median, _max, _min = (_finite_stat(op) for op in (torch.mean, torch.median, torch.max, torch.min))
 
 
 def _max_all(t: Tensor) -> float:
     """The max, or nan if any value is nan."""
     t = t.detach().double().reshape(-1).cpu()
     return math.nan if not t.numel() or bool(t.isnan().any()) else float(t.max())
-
-
-def _min(t: Tensor) -> float:
-    t = _finite(t)
-    return float(t.min()) if t.numel() else math.nan
 
 
 def _list(t: Tensor) -> list:

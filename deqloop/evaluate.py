@@ -39,10 +39,7 @@ def test_set(task: Task, difficulty: int, n: int) -> Batch:
 
 def eval_max_iter(task: Task, solve: SolveConfig, difficulty: int) -> int:
     """The iteration budget at `difficulty`: the training budget, or more if the task asks for it."""
-    task_budget = getattr(task, "eval_max_iter", None)
-    if task_budget is None:
-        return solve.max_iter
-    return max(solve.max_iter, int(task_budget(difficulty)))
+    return max(solve.max_iter, int(task.eval_max_iter(difficulty)))
 
 
 @torch.no_grad()

@@ -299,8 +299,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
                 dist.all_reduce(mean)
                 mean /= world_size
                 dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-            loss_v, acc_v, steps_v, conv_v = mean.tolist()
-            residual_v, stopping = worst[0].item(), worst[1].item() > 0
+            loss_v, acc_v, steps_v, conv_v, residual_v, stop_v = torch.cat([mean, worst]).tolist()  # one sync
+            stopping = stop_v > 0
             if not math.isfinite(loss_v):
                 raise FloatingPointError(f"loss is {loss_v} at step {step}; the last saved step is in "
                                          f"{ckpt_path}, if any")

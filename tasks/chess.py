@@ -30,7 +30,6 @@ unknown and the move is shown on the mirrored board, white to move.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -199,16 +198,16 @@ class Chess(Task):
     def generate(self, n: int, difficulty: int, rng: np.random.Generator, split: str = "train") -> Batch:
         """n puzzles: train draws from its pool with replacement; test returns the pool's first n.
 
-        A test pool smaller than n gives all its puzzles (with a warning), fewer than asked.
+        Asking for more test puzzles than the pool holds is a TaskInputError, as for sudoku.
         """
         pool = self.puzzles(split, difficulty)
         if split == "train":
             rows = torch.from_numpy(rng.integers(0, len(pool), n))
         else:
             if n > len(pool):
-                warnings.warn(f"chess: only {len(pool)} test puzzles of difficulty {difficulty}, "
-                              f"{n} asked; using all of them", stacklevel=2)
-            rows = torch.arange(min(n, len(pool)))
+                raise TaskInputError(f"the chess test pool of mate in {difficulty} holds {len(pool)} puzzles, "
+                                     f"{n} were asked for")
+            rows = torch.arange(n)
         return Batch(pool.inputs[rows], pool.targets[rows], torch.full((len(rows),), difficulty, dtype=torch.long))
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:

@@ -278,6 +278,9 @@ def test_generate_draws_train_and_fixes_test():
         TASK.generate(4, 3, np.random.default_rng(0))
     with pytest.raises(ValueError, match="split must be"):
         TASK.generate(4, 1, np.random.default_rng(0), "val")
+    size = len(TASK.puzzles("test", 3))
+    with pytest.raises(TaskInputError, match=f"holds {size} puzzles, {size + 1} were asked"):
+        TASK.generate(size + 1, 3, np.random.default_rng(0), "test")
 
 
 def test_a_few_training_steps_reduce_the_loss():

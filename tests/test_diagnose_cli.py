@@ -3,9 +3,6 @@ combination works; bad input is one line."""
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,9 +12,8 @@ from deqloop.checkpoint import save_checkpoint
 from deqloop.diagnose import THRESHOLDS, DiagnoseSettings, diagnose_checkpoint, verdicts, write_json
 from deqloop.model import NORMS, RECALLS, Z0S, ModelConfig, SolveConfig, build_model
 from deqloop.train import TrainConfig
-from tests.test_cli import run
+from tests.test_cli import assert_usage_error, run, run_subprocess
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = DiagnoseSettings(n_inputs=2, n_starts=1, n_geometry=1)
 VERDICTS = {
     "reachability": {"unreachable", "partly reachable", "reachable from any start", "reachable from z0 only",
@@ -46,15 +42,6 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ckpt_none(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("none") / "checkpoint.pt", recall="none")
-
-
-def assert_usage_error(code, err, *words):
-    assert code == 2, err
-    assert "Traceback" not in err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    for w in words:
-        assert w in lines[0], err
 
 
 def test_diagnose_writes_table_json_and_plots(capsys, ckpt, tmp_path):
@@ -169,7 +156,5 @@ def test_truncated_checkpoint_subprocess(ckpt, tmp_path):
     # The real entry point: exit code 2, one line on stderr, no traceback and no progress bar.
     bad = tmp_path / "cut.pt"
     bad.write_bytes(ckpt.read_bytes()[:300])
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    r = subprocess.run([sys.executable, "cli.py", "diagnose", str(bad)], cwd=ROOT, env=env, capture_output=True,
-                       text=True, timeout=120)
+    r = run_subprocess("cli.py", "diagnose", bad)
     assert_usage_error(r.returncode, r.stderr, str(bad), "truncated or corrupt")
