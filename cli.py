@@ -1,10 +1,11 @@
-"""deqloop's command line: train, eval, solve, diagnose.
+"""deqloop's command line: train, eval, solve, diagnose, grid.
 
     python cli.py train --task prefix_sums [--recall internal --norm outer ...] [--resume]
     torchrun --nproc_per_node 2 cli.py train --task prefix_sums --device cpu
     python cli.py eval runs/prefix_sums/checkpoint.pt [--iters 40,80,160] [--json out.json] [--plot out.png]
     python cli.py solve runs/prefix_sums/checkpoint.pt 0110101
     python cli.py diagnose runs/prefix_sums/checkpoint.pt [--difficulty 32,512] [--n-inputs 32] [--plots dir]
+    python cli.py grid prefix_sums [--jobs 2] [--seeds 0,1,2] [--report-only]
 
 A subcommand is one entry of COMMANDS: `add_<name>(parser)` declares its flags, `run_<name>(args)`
 does the work and returns the exit code. A bad input (unknown name, bad checkpoint, malformed
@@ -366,6 +367,76 @@ def run_diagnose(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------- grid
+
+def name_list(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    parts = [v.strip() for v in text.split(",") if v.strip()]
+    if not parts or not all(v.isdigit() for v in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0 such as 0,1,2, got {text!r}")
+    return tuple(int(v) for v in parts)
+
+
+def add_grid(p: argparse.ArgumentParser) -> None:
+    from deqloop.grid import GRIDS
+
+    p.add_argument("task", help=f"the grid of this task: {', '.join(GRIDS)} (sizes in deqloop/grid.py GRIDS)")
+    p.add_argument("--root", default="runs/grid", metavar="DIR",
+                   help="cells go to DIR/<task>/<recall>-<norm>/seed<k>/ (default: %(default)s)")
+    p.add_argument("--recall", type=name_list, metavar="A,B,..", help="these recalls only (default: the grid's)")
+    p.add_argument("--norm", type=name_list, metavar="A,B,..", help="these norms only (default: the grid's)")
+    p.add_argument("--seeds", type=seed_list, metavar="N,N,..", help="these seeds (default: the grid's, 0,1,2)")
+    p.add_argument("--steps", type=positive_int, metavar="N",
+                   help="training steps per run (default: the grid's; another value needs another --root)")
+    p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
+                   help="runs at once, each with cores/N threads (default: %(default)s)")
+    p.add_argument("--report-dir", default=None, metavar="DIR",
+                   help="write <task>.md, plots and summary JSON here (default: DIR/<task>/ of --root)")
+    p.add_argument("--report-only", action="store_true", help="do not run anything; report the cells done so far")
+
+
+def run_grid_command(args) -> int:
+    from dataclasses import replace
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from deqloop.grid import GRIDS, GridError, run_grid
+    from deqloop.grid_report import summarize, write_report
+
+    if args.task not in GRIDS:
+        raise UsageError(f"no grid for task {args.task!r}; choose from {', '.join(GRIDS)}")
+    spec = GRIDS[args.task]
+    changes = {k: getattr(args, a) for k, a in (("recalls", "recall"), ("norms", "norm"), ("seeds", "seeds"))
+               if getattr(args, a)}
+    if args.steps:
+        changes["train"] = {**spec.train, "steps": args.steps}
+    spec = replace(spec, **changes)
+    try:
+        if not args.report_only:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=Console(stderr=True)) as bar:
+                job = bar.add_task(f"grid {spec.task}", total=len(spec.cells()))
+                run_grid(spec, args.root, jobs=args.jobs, progress=lambda done, total, name: bar.update(
+                    job, completed=done, total=total, description=f"grid {spec.task}" + (f" ({name} done)" if name else "")))
+        else:
+            from deqloop.grid import check_spec
+
+            check_spec(spec)
+    except GridError as e:
+        raise UsageError(one_line(e)) from None
+    summary = summarize(spec, args.root)
+    out = Path(args.report_dir) if args.report_dir else Path(args.root) / spec.task
+    paths = write_report(spec, summary, out)
+    print(f"{summary['n_done']} of {summary['n_cells']} runs done; wrote {', '.join(map(str, paths))}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------- main
 
 COMMANDS = {  # name: (help, add its flags, run it)
@@ -374,6 +445,8 @@ COMMANDS = {  # name: (help, add its flags, run it)
     "solve": ("answer one INPUT with a checkpoint's model", add_solve, run_solve),
     "diagnose": ("are a checkpoint's fixed points reachable, input-dependent, well-conditioned? (per difficulty)",
                  add_diagnose, run_diagnose),
+    "grid": ("train, evaluate and diagnose recall x norm x seeds on a task, resumably; then tables and plots",
+             add_grid, run_grid_command),
 }
 
 

@@ -1,0 +1,301 @@
+"""The paper's grid: recall x normalization x seeds on one task, trained, evaluated and diagnosed.
+
+    spec = GRIDS["prefix_sums"]                         # or a GridSpec of your own
+    run_grid(spec, "runs/grid", jobs=2)                 # resumable: finished cells are kept
+    summary = summarize(spec, "runs/grid")              # per cell and per configuration
+    write_report(spec, summary, "docs/results")         # markdown tables + plots
+
+Each cell (recall, norm, seed) lives in <root>/<task>/<recall>-<norm>/seed<k>/: the training run
+(its checkpoint.pt, metrics.jsonl), eval.json (accuracy per difficulty and test-time budget),
+diagnose.json (the three axes) and, once all three are done, cell.json. A cell with cell.json is
+never recomputed; a killed cell resumes its training from its last checkpoint. The settings every
+cell shares are fixed in <root>/<task>/spec.json: running the grid again with other settings into
+the same root is an error, not a silent mix. Cells run in child processes, `jobs` at a time, each
+with cores / jobs threads; their output goes to the cell's log.txt.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+GRID_VERSION = 1  # bump when the meaning of a cell's files changes
+
+
+class GridError(ValueError):
+    """A grid that cannot run as asked (settings differ from the root's, unknown names); one line."""
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    task: str
+    recalls: tuple[str, ...] = ("none", "standard", "internal")
+    norms: tuple[str, ...] = ("none", "pre", "post", "outer")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    train: dict = field(default_factory=dict)  # TrainConfig fields (beyond task, seed, out_dir)
+    model: dict = field(default_factory=dict)  # ModelConfig fields over the task's model_defaults
+    solve: dict = field(default_factory=dict)  # SolveConfig fields over the task's solve_defaults
+    eval_difficulties: tuple[int, ...] = ()  # () : the task's test difficulties
+    iters: tuple[int, ...] = ()  # test-time budgets; () : training max_iter x 1, 2, 4, 8, 16
+    eval_n: int = 64  # test examples per difficulty
+    diagnose_difficulties: tuple[int, ...] = ()  # () : the eval difficulties
+    diagnose: dict = field(default_factory=dict)  # DiagnoseSettings fields
+    metric: str = "acc"  # the accuracy the report is about: acc (exact) or one of the task's metrics
+    note: str = ""  # why this size: shown in the report
+
+    def settings(self) -> dict:
+        """What every cell shares (not the lists of recalls, norms, seeds, nor how they are reported)."""
+        d = asdict(self)
+        for key in ("recalls", "norms", "seeds", "metric", "note"):
+            d.pop(key)
+        return json.loads(json.dumps(d))  # tuples as lists, as read back from spec.json
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.settings(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def cells(self) -> list[tuple[str, str, int]]:
+        """(recall, norm, seed), seed first: a grid stopped half way has every configuration once."""
+        return [(r, n, s) for s in self.seeds for r in self.recalls for n in self.norms]
+
+
+# Sizes that train on 2 CPU cores; docs/RESULTS.md says why each is chosen.
+GRIDS = {
+    "prefix_sums": GridSpec(
+        task="prefix_sums", train={"steps": 1000, "eval_every": 0, "ckpt_every": 250},
+        eval_difficulties=(32, 64, 128, 256), iters=(20, 40, 80, 160, 320), eval_n=64,
+        diagnose_difficulties=(32, 128),
+        note="1000 steps (the default recipe's 3000 take 13 min a run on 2 cores; 1000 already reach "
+             "100% at 32-128 bits with the default model); lengths to 8x the longest training string, "
+             "budgets to 16x the training depth of 20 iterations"),
+    "sudoku": GridSpec(
+        task="sudoku", norms=("pre", "outer"), train={"steps": 1500, "eval_every": 0, "ckpt_every": 250},
+        iters=(8, 16, 32, 64, 128), eval_n=64, diagnose_difficulties=(0, 3),
+        diagnose={"n_inputs": 16}, metric="cell_acc",
+        note="recall x {pre, outer}: the paper's sudoku claim is about recall placement under outer "
+             "normalization; 1500 steps of the default model; budgets to 16x the training depth of 8; "
+             "the headline metric is the fraction of blank cells right, since whole grids stay at 0% at "
+             "this size"),
+    "chess": GridSpec(
+        task="chess", norms=("pre", "outer"), train={"steps": 1500, "eval_every": 0, "ckpt_every": 250},
+        iters=(16, 32, 64, 128), eval_n=128, diagnose_difficulties=(1, 3),
+        diagnose={"n_inputs": 16},
+        note="recall x {pre, outer}, 1500 steps of the default model; budgets to 8x the training "
+             "depth of 16; 128 test positions per mate depth (the test pool holds 201-263)"),
+}
+
+
+# ------------------------------------------------------------------------------------- running
+
+def cell_dir(root: str | Path, task: str, recall: str, norm: str, seed: int) -> Path:
+    return Path(root) / task / f"{recall}-{norm}" / f"seed{seed}"
+
+
+def check_spec(spec: GridSpec) -> None:
+    """Unknown task, recall or norm names fail here, before any cell runs."""
+    from deqloop.model import NORMS, RECALLS
+    from tasks import get_task
+
+    try:
+        get_task(spec.task)
+    except KeyError as e:
+        raise GridError(str(e).strip("'\"")) from None
+    for name, values, valid in (("recall", spec.recalls, RECALLS), ("norm", spec.norms, NORMS)):
+        bad = [v for v in values if v not in valid]
+        if bad:
+            raise GridError(f"unknown {name} {bad[0]!r}; choose from {', '.join(valid)}")
+    if not spec.seeds:
+        raise GridError("no seeds")
+
+
+def claim_root(spec: GridSpec, root: str | Path) -> Path:
+    """Write <root>/<task>/spec.json, or check that the one there has the same settings."""
+    base = Path(root) / spec.task
+    path = base / "spec.json"
+    mine = {"grid_version": GRID_VERSION, "fingerprint": spec.fingerprint(), "settings": spec.settings()}
+    if path.exists():
+        try:
+            theirs = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise GridError(f"{path}: unreadable ({e}); remove it or choose another root") from None
+        if theirs.get("fingerprint") != mine["fingerprint"] or theirs.get("grid_version") != GRID_VERSION:
+            changed = sorted(k for k in mine["settings"] if theirs.get("settings", {}).get(k) != mine["settings"][k])
+            raise GridError(f"{base} holds a grid with other settings ({', '.join(changed) or 'grid version'} "
+                            "differ); choose another root or remove it")
+        return base
+    base.mkdir(parents=True, exist_ok=True)
+    _write_json_atomic(path, mine)
+    return base
+
+
+def run_grid(spec: GridSpec, root: str | Path = "runs/grid", *, jobs: int = 1, threads: int | None = None,
+             progress=None) -> list[dict]:
+    """Run every unfinished cell of `spec`; returns every cell's cell.json (finished or failed).
+
+    `progress(done, total, cell_name)` is called as cells finish. Ctrl-C stops the children, which
+    save their training state; the next call resumes.
+    """
+    check_spec(spec)
+    claim_root(spec, root)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    jobs = max(1, jobs)
+    threads = threads or max(1, cores // jobs)
+    todo = [c for c in spec.cells() if load_cell(spec, root, *c) is None]
+    total, done = len(spec.cells()), len(spec.cells()) - len(todo)
+    if progress:
+        progress(done, total, "")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    running: list[tuple[subprocess.Popen, tuple, object]] = []
+    failed = []
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                cell = todo.pop(0)
+                out = cell_dir(root, spec.task, *cell)
+                out.mkdir(parents=True, exist_ok=True)
+                log = open(out / "log.txt", "a")
+                cmd = [sys.executable, "-m", "deqloop.grid", str(root), spec.task, *map(str, cell)]
+                running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), cell, log))
+            time.sleep(0.2)
+            for proc, cell, log in list(running):
+                if proc.poll() is None:
+                    continue
+                running.remove((proc, cell, log))
+                log.close()
+                if load_cell(spec, root, *cell) is None:  # a bug, not a diverged run: the others go on
+                    failed.append((cell, proc.returncode))
+                    continue
+                done += 1
+                if progress:
+                    progress(done, total, cell_name(*cell))
+    except BaseException:  # Ctrl-C or a kill of this process: pass it on (a terminal's Ctrl-C already did)
+        for proc, _, _ in running:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        raise
+    finally:
+        for proc, _, log in running:  # interrupted: each child saves its training state and stops
+            proc.wait()
+            log.close()
+    if failed:
+        (cell, code), more = failed[0], len(failed) - 1
+        raise GridError(f"cell {cell_name(*cell)} failed (exit {code}; see {cell_dir(root, spec.task, *cell) / 'log.txt'})"
+                        + (f" and {more} more" if more else "") + "; run the grid again to retry")
+    return [c for c in (load_cell(spec, root, *cell) for cell in spec.cells()) if c is not None]
+
+
+def cell_name(recall: str, norm: str, seed: int | str) -> str:
+    return f"{recall}-{norm}/seed{seed}"
+
+
+def load_cell(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: int) -> dict | None:
+    """The cell's cell.json if it is finished with these settings, else None."""
+    path = cell_dir(root, spec.task, recall, norm, seed) / "cell.json"
+    try:
+        cell = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return cell if cell.get("fingerprint") == spec.fingerprint() else None
+
+
+def spec_from_root(root: str | Path, task: str) -> GridSpec:
+    """The grid settings stored in <root>/<task>/spec.json (for a child process)."""
+    stored = json.loads((Path(root) / task / "spec.json").read_text())
+    s = stored["settings"]
+    tuples = {k: tuple(s[k]) for k in ("eval_difficulties", "iters", "diagnose_difficulties")}  # as in GRIDS
+    return GridSpec(**{**s, **tuples})
+
+
+def run_cell(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: int) -> dict:
+    """Train (or resume), evaluate and diagnose one cell; write and return its cell.json."""
+    import torch
+
+    from deqloop.diagnose import DiagnoseSettings, diagnose_checkpoint
+    from deqloop.diagnose import write_json as write_diagnose
+    from deqloop.evaluate import evaluate_checkpoint, write_json
+    from deqloop.checkpoint import CheckpointError, load_checkpoint
+    from deqloop.model import ModelConfig, SolveConfig
+    from deqloop.train import TrainConfig, train
+    from tasks import get_task
+
+    threads = int(os.environ.get("OMP_NUM_THREADS", 0))
+    if threads:
+        torch.set_num_threads(threads)
+    out = cell_dir(root, spec.task, recall, norm, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    task = get_task(spec.task)
+    model_cfg = ModelConfig(vocab_size=task.vocab_size, n_classes=task.n_classes,
+                            **{**task.model_defaults, **spec.model, "recall": recall, "norm": norm})
+    solve_cfg = SolveConfig(**{**task.solve_defaults, **spec.solve})
+    train_cfg = TrainConfig(task=spec.task, seed=seed, out_dir=str(out), **spec.train)
+    ckpt_path = out / "checkpoint.pt"
+    cell = {"grid_version": GRID_VERSION, "fingerprint": spec.fingerprint(), "task": spec.task,
+            "recall": recall, "norm": norm, "seed": seed, "threads": torch.get_num_threads()}
+
+    t0 = time.time()
+    resume = False
+    if ckpt_path.exists():
+        try:
+            resume = load_checkpoint(ckpt_path)["step"] < train_cfg.steps
+        except CheckpointError:  # a torn file from a hard kill: start the cell again
+            ckpt_path.unlink()
+        if ckpt_path.exists() and not resume:
+            print(f"{cell_name(recall, norm, seed)}: training already finished")
+    status = "finished"
+    if not ckpt_path.exists() or resume:
+        try:
+            train(train_cfg, model_cfg, solve_cfg, resume=resume)
+        except FloatingPointError as e:  # a diverged run is a result of the grid, not a crash
+            status, cell["error"] = "diverged", str(e)
+    cell["train_seconds"] = time.time() - t0
+    metrics_path = out / "metrics.jsonl"
+    text = metrics_path.read_text() if metrics_path.exists() else ""
+    metrics = [json.loads(line) for line in text.splitlines() if line.strip()]
+    rows = [m for m in metrics if m.get("kind") == "train"]
+    cell["final_loss"] = rows[-1]["loss"] if rows else math.nan
+    cell["train_acc"] = float(np.mean([m["acc"] for m in rows[-10:]])) if rows else math.nan
+    cell["status"] = status
+    if status == "finished":
+        t1 = time.time()
+        report = evaluate_checkpoint(ckpt_path, difficulties=list(spec.eval_difficulties) or None,
+                                     iters=list(spec.iters) or None, n=spec.eval_n)
+        write_json(report, out / "eval.json")
+        cell["eval_seconds"] = time.time() - t1
+        t2 = time.time()
+        try:
+            diag = diagnose_checkpoint(ckpt_path, settings=DiagnoseSettings(**spec.diagnose),
+                                       difficulties=list(spec.diagnose_difficulties or spec.eval_difficulties) or None)
+            write_diagnose(diag, out / "diagnose.json")
+        except Exception as e:  # noqa: BLE001 - a pathological model must not stop the grid; reported
+            cell["diagnose_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            traceback.print_exc()
+        cell["diagnose_seconds"] = time.time() - t2
+    _write_json_atomic(out / "cell.json", cell)
+    return cell
+
+
+def _write_json_atomic(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(json.loads(json.dumps(obj), parse_constant=lambda _: None), indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def _child(argv: list[str]) -> int:
+    root, task, recall, norm, seed = argv
+    spec = spec_from_root(root, task)
+    run_cell(spec, root, recall, norm, int(seed))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_child(sys.argv[1:]))
