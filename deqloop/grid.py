@@ -16,6 +16,8 @@ with cores / jobs threads; their output goes to the cell's log.txt.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import math
@@ -156,7 +158,7 @@ def run_grid(spec: GridSpec, root: str | Path = "runs/grid", *, jobs: int = 1, t
         progress(done, total, "")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     running: list[tuple[subprocess.Popen, tuple, object]] = []
-    failed = []
+    failed, busy = [], []
     try:
         while todo or running:
             while todo and len(running) < jobs:
@@ -172,6 +174,9 @@ def run_grid(spec: GridSpec, root: str | Path = "runs/grid", *, jobs: int = 1, t
                     continue
                 running.remove((proc, cell, log))
                 log.close()
+                if proc.returncode == EXIT_BUSY:  # another grid process runs it
+                    busy.append(cell)
+                    continue
                 if load_cell(spec, root, *cell) is None:  # a bug, not a diverged run: the others go on
                     failed.append((cell, proc.returncode))
                     continue
@@ -191,6 +196,9 @@ def run_grid(spec: GridSpec, root: str | Path = "runs/grid", *, jobs: int = 1, t
         (cell, code), more = failed[0], len(failed) - 1
         raise GridError(f"cell {cell_name(*cell)} failed (exit {code}; see {cell_dir(root, spec.task, *cell) / 'log.txt'})"
                         + (f" and {more} more" if more else "") + "; run the grid again to retry")
+    if busy:
+        raise GridError(f"{len(busy)} cells (first {cell_name(*busy[0])}) are being run by another process; "
+                        "run the grid again when it is done")
     return [c for c in (load_cell(spec, root, *cell) for cell in spec.cells()) if c is not None]
 
 
@@ -216,8 +224,32 @@ def spec_from_root(root: str | Path, task: str) -> GridSpec:
     return GridSpec(**{**s, **tuples})
 
 
+EXIT_BUSY = 3  # a child's exit code when another process holds the cell
+
+
+class CellBusy(GridError):
+    """Another process is running this cell (two grids on one root)."""
+
+
+@contextlib.contextmanager
+def _cell_lock(out: Path):
+    """An exclusive lock on the cell for as long as this process works on it (released if it dies)."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise CellBusy(f"{out} is being run by another process") from None
+        yield
+
+
 def run_cell(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: int) -> dict:
     """Train (or resume), evaluate and diagnose one cell; write and return its cell.json."""
+    with _cell_lock(cell_dir(root, spec.task, recall, norm, seed)):
+        return _run_cell(spec, root, recall, norm, seed)
+
+
+def _run_cell(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: int) -> dict:
     import torch
 
     from deqloop.diagnose import DiagnoseSettings, diagnose_checkpoint
@@ -293,7 +325,11 @@ def _write_json_atomic(path: Path, obj) -> None:
 def _child(argv: list[str]) -> int:
     root, task, recall, norm, seed = argv
     spec = spec_from_root(root, task)
-    run_cell(spec, root, recall, norm, int(seed))
+    try:
+        run_cell(spec, root, recall, norm, int(seed))
+    except CellBusy as e:
+        print(f"skipped: {e}")
+        return EXIT_BUSY
     return 0
 
 

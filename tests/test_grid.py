@@ -148,3 +148,12 @@ def test_cli_grid_report_only(capsys, grid_root, tmp_path):
     code, out, _ = run(capsys, "grid", "prefix_sums", "--root", root, "--report-only", "--report-dir", tmp_path)
     assert code == 0 and "0 of 36 runs done" in out  # the preset grid's settings are not TINY's
     assert (tmp_path / "prefix_sums.md").exists()
+
+
+def test_a_cell_runs_in_one_process_at_a_time(tmp_path):
+    from deqloop.grid import CellBusy, _cell_lock
+
+    with _cell_lock(cell_dir(tmp_path, "prefix_sums", "none", "outer", 0)):
+        with pytest.raises(CellBusy, match="another process"):
+            run_cell(TINY, tmp_path, "none", "outer", 0)
+    assert not (cell_dir(tmp_path, "prefix_sums", "none", "outer", 0) / "checkpoint.pt").exists()
