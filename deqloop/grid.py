@@ -90,10 +90,10 @@ GRIDS = {
              "this size"),
     "chess": GridSpec(
         task="chess", norms=("pre", "outer"), train={"steps": 1500, "eval_every": 0, "ckpt_every": 250},
-        iters=(16, 32, 64, 128), eval_n=128, diagnose_difficulties=(1, 3),
+        iters=(16, 32, 64, 128), eval_n=200, diagnose_difficulties=(1, 3),
         diagnose={"n_inputs": 16},
         note="recall x {pre, outer}, 1500 steps of the default model; budgets to 8x the training "
-             "depth of 16; 128 test positions per mate depth (the test pool holds 201-263)"),
+             "depth of 16; 200 test positions per mate depth (the test pool holds 201-263)"),
 }
 
 

@@ -37,7 +37,7 @@ AXES = {
 def _axis_value(row: dict, key: str) -> float:
     if key == "distinct":
         fp = row["input_dependence"]["fixed_points"]
-        return fp["n_distinct"] / max(1, fp["n_inputs"])
+        return fp["n_distinct"] / fp["n_inputs"] if fp["n_points"] else math.nan  # no fixed point to count
     section, name = AXES[key][2]
     v = row[section].get(name)
     v = math.nan if v is None else float(v)
