@@ -286,9 +286,11 @@ def plot_accuracy(summary: dict, path: Path) -> Path:
                 ax.set_ylabel("exact accuracy")
             if i == len(recalls) - 1:
                 ax.set_xlabel("test-time iterations")
-    axes[0][-1].legend(title="difficulty", fontsize=7, title_fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, title="difficulty", loc="lower center", ncol=max(1, len(labels)), fontsize=8,
+               title_fontsize=8)
     fig.suptitle(f"{summary['task']}: accuracy vs iterations (mean over seeds, band: min-max)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path
