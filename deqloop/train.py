@@ -14,6 +14,7 @@ each process draws batch_size / world_size examples; only rank 0 logs, evaluates
 
 from __future__ import annotations
 
+import gc
 import json
 import math
 import os
@@ -330,6 +331,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
                 signum = stop_signal[0] if stop_signal else signal.SIGTERM
                 raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {step}; "
                                   f"{ckpt_path} holds it (continue with --resume)", signum)
+        if distributed:
+            dist.barrier()  # every rank leaves together: none tears down gloo while another still uses it
         return ckpt_path
     finally:
         if progress is not None:
@@ -337,6 +340,10 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
         if restore_signals is not None:
             restore_signals()
         if distributed and dist.is_initialized():
+            # DDP's reducer holds gloo work; free it before the group, not at interpreter exit,
+            # where gloo's threads can abort the process ("terminate called without an active exception").
+            model = None  # noqa: F841
+            gc.collect()
             dist.destroy_process_group()
 
 
