@@ -25,6 +25,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -144,8 +145,8 @@ def run_grid(spec: GridSpec, root: str | Path = "runs/grid", *, jobs: int = 1, t
              progress=None) -> list[dict]:
     """Run every unfinished cell of `spec`; returns every cell's cell.json (finished or failed).
 
-    `progress(done, total, cell_name)` is called as cells finish. Ctrl-C stops the children, which
-    save their training state; the next call resumes.
+    `progress(done, total, cell_name)` is called as cells finish. Ctrl-C or SIGTERM stops the
+    children, which save their training state; the next call resumes.
     """
     check_spec(spec)
     claim_root(spec, root)
@@ -159,6 +160,12 @@ def run_grid(spec: GridSpec, root: str | Path = "runs/grid", *, jobs: int = 1, t
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     running: list[tuple[subprocess.Popen, tuple, object]] = []
     failed, busy = [], []
+
+    def stop(signum, frame):
+        raise KeyboardInterrupt  # the handler below passes the stop on to the children
+
+    # A shell's background job ignores SIGINT; SIGTERM must stop the grid as Ctrl-C does.
+    old_term = signal.signal(signal.SIGTERM, stop) if threading.current_thread() is threading.main_thread() else None
     try:
         while todo or running:
             while todo and len(running) < jobs:
@@ -183,15 +190,17 @@ def run_grid(spec: GridSpec, root: str | Path = "runs/grid", *, jobs: int = 1, t
                 done += 1
                 if progress:
                     progress(done, total, cell_name(*cell))
-    except BaseException:  # Ctrl-C or a kill of this process: pass it on (a terminal's Ctrl-C already did)
+    except BaseException:  # Ctrl-C or SIGTERM: each child saves its training state and stops
         for proc, _, _ in running:
             if proc.poll() is None:
-                proc.send_signal(signal.SIGINT)
+                proc.send_signal(signal.SIGTERM)
         raise
     finally:
-        for proc, _, log in running:  # interrupted: each child saves its training state and stops
+        for proc, _, log in running:
             proc.wait()
             log.close()
+        if old_term is not None:
+            signal.signal(signal.SIGTERM, old_term)
     if failed:
         (cell, code), more = failed[0], len(failed) - 1
         raise GridError(f"cell {cell_name(*cell)} failed (exit {code}; see {cell_dir(root, spec.task, *cell) / 'log.txt'})"
