@@ -30,7 +30,7 @@ from deqloop.diagnose import DiagnoseSettings, diagnose_checkpoint
 from deqloop.diagnose import plot as plot_diagnose
 from deqloop.diagnose import print_table as print_diagnose
 from deqloop.evaluate import EVAL_N, evaluate_checkpoint, plot, print_table, write_json
-from deqloop.model import BACKWARDS, NORMS, RECALLS, Z0S, ModelConfig, SolveConfig
+from deqloop.model import BACKWARDS, NORMS, RECALLS, Z0S, ModelConfig, SolveConfig, task_configs
 from deqloop.train import RUN_CONTROL, ConfigError, Interrupted, TrainConfig, resolve_device, train
 from tasks import TaskInputError, get_task
 
@@ -183,9 +183,7 @@ def train_configs(args) -> tuple[TrainConfig, ModelConfig, SolveConfig]:
             given[kind][name] = getattr(args, dest)
     if args.resume:
         return resumed_configs(args.task, given)
-    model_cfg = ModelConfig(vocab_size=task.vocab_size, n_classes=task.n_classes,
-                            **{**task.model_defaults, **given["model"]})
-    solve_cfg = SolveConfig(**{**task.solve_defaults, **given["solve"]})
+    model_cfg, solve_cfg = task_configs(task, given["model"], given["solve"])
     return TrainConfig(task=args.task, **given["train"]), model_cfg, solve_cfg
 
 
@@ -406,7 +404,7 @@ def run_grid_command(args) -> int:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from deqloop.grid import GRIDS, GridError, run_grid
+    from deqloop.grid import GRIDS, GridError, check_spec, run_grid
     from deqloop.grid_report import summarize, write_report
 
     if args.task not in GRIDS:
@@ -418,16 +416,13 @@ def run_grid_command(args) -> int:
         changes["train"] = {**spec.train, "steps": args.steps}
     spec = replace(spec, **changes)
     try:
+        check_spec(spec)
         if not args.report_only:
             columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
             with Progress(*columns, console=Console(stderr=True)) as bar:
                 job = bar.add_task(f"grid {spec.task}", total=len(spec.cells()))
                 run_grid(spec, args.root, jobs=args.jobs, progress=lambda done, total, name: bar.update(
                     job, completed=done, total=total, description=f"grid {spec.task}" + (f" ({name} done)" if name else "")))
-        else:
-            from deqloop.grid import check_spec
-
-            check_spec(spec)
     except GridError as e:
         raise UsageError(one_line(e)) from None
     summary = summarize(spec, args.root)

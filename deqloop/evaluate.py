@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -133,9 +134,12 @@ def print_table(report: dict, console: Console | None = None) -> None:
 
 
 def write_json(report: dict, path: str | Path) -> None:
-    """Every number of the report as strict JSON (a non-finite residual is written as null)."""
+    """Every number of the report as strict JSON (a non-finite value is written as null), atomically."""
     clean = json.loads(json.dumps(report), parse_constant=lambda _: None)
-    Path(path).write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
+    os.replace(tmp, path)
 
 
 def plot(report: dict, path: str | Path) -> None:

@@ -57,6 +57,10 @@ class GridSpec:
     metric: str = "acc"  # the accuracy the report is about: acc (exact) or one of the task's metrics
     note: str = ""  # why this size: shown in the report
 
+    def __post_init__(self):  # lists (from JSON or a caller) as tuples, so equal specs compare equal
+        for name in ("recalls", "norms", "seeds", "eval_difficulties", "iters", "diagnose_difficulties"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+
     def settings(self) -> dict:
         """What every cell shares (not the lists of recalls, norms, seeds, nor how they are reported)."""
         d = asdict(self)
@@ -136,8 +140,10 @@ def claim_root(spec: GridSpec, root: str | Path) -> Path:
             raise GridError(f"{base} holds a grid with other settings ({', '.join(changed) or 'grid version'} "
                             "differ); choose another root or remove it")
         return base
+    from deqloop.evaluate import write_json
+
     base.mkdir(parents=True, exist_ok=True)
-    _write_json_atomic(path, mine)
+    write_json(mine, path)
     return base
 
 
@@ -228,9 +234,7 @@ def load_cell(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: in
 def spec_from_root(root: str | Path, task: str) -> GridSpec:
     """The grid settings stored in <root>/<task>/spec.json (for a child process)."""
     stored = json.loads((Path(root) / task / "spec.json").read_text())
-    s = stored["settings"]
-    tuples = {k: tuple(s[k]) for k in ("eval_difficulties", "iters", "diagnose_difficulties")}  # as in GRIDS
-    return GridSpec(**{**s, **tuples})
+    return GridSpec(**stored["settings"])
 
 
 EXIT_BUSY = 3  # a child's exit code when another process holds the cell
@@ -261,41 +265,27 @@ def run_cell(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: int
 def _run_cell(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: int) -> dict:
     import torch
 
+    from deqloop.checkpoint import load_checkpoint
     from deqloop.diagnose import DiagnoseSettings, diagnose_checkpoint
-    from deqloop.diagnose import write_json as write_diagnose
     from deqloop.evaluate import evaluate_checkpoint, write_json
-    from deqloop.checkpoint import CheckpointError, load_checkpoint
-    from deqloop.model import ModelConfig, SolveConfig
+    from deqloop.model import task_configs
     from deqloop.train import TrainConfig, train
     from tasks import get_task
 
-    threads = int(os.environ.get("OMP_NUM_THREADS", 0))
-    if threads:
-        torch.set_num_threads(threads)
-    out = cell_dir(root, spec.task, recall, norm, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    task = get_task(spec.task)
-    model_cfg = ModelConfig(vocab_size=task.vocab_size, n_classes=task.n_classes,
-                            **{**task.model_defaults, **spec.model, "recall": recall, "norm": norm})
-    solve_cfg = SolveConfig(**{**task.solve_defaults, **spec.solve})
+    out = cell_dir(root, spec.task, recall, norm, seed)  # the child's threads: OMP_NUM_THREADS, read by torch
+    model_cfg, solve_cfg = task_configs(get_task(spec.task), {**spec.model, "recall": recall, "norm": norm},
+                                        spec.solve)
     train_cfg = TrainConfig(task=spec.task, seed=seed, out_dir=str(out), **spec.train)
     ckpt_path = out / "checkpoint.pt"
     cell = {"grid_version": GRID_VERSION, "fingerprint": spec.fingerprint(), "task": spec.task,
             "recall": recall, "norm": norm, "seed": seed, "threads": torch.get_num_threads()}
 
     t0 = time.time()
-    resume = False
-    if ckpt_path.exists():
-        try:
-            resume = load_checkpoint(ckpt_path)["step"] < train_cfg.steps
-        except CheckpointError:  # a torn file from a hard kill: start the cell again
-            ckpt_path.unlink()
-        if ckpt_path.exists() and not resume:
-            print(f"{cell_name(recall, norm, seed)}: training already finished")
+    done = load_checkpoint(ckpt_path)["step"] if ckpt_path.exists() else 0  # checkpoints are written atomically
     status = "finished"
-    if not ckpt_path.exists() or resume:
+    if done < train_cfg.steps:
         try:
-            train(train_cfg, model_cfg, solve_cfg, resume=resume)
+            train(train_cfg, model_cfg, solve_cfg, resume=done > 0)
         except FloatingPointError as e:  # a diverged run is a result of the grid, not a crash
             status, cell["error"] = "diverged", str(e)
     cell["train_seconds"] = time.time() - t0
@@ -316,19 +306,13 @@ def _run_cell(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: in
         try:
             diag = diagnose_checkpoint(ckpt_path, settings=DiagnoseSettings(**spec.diagnose),
                                        difficulties=list(spec.diagnose_difficulties or spec.eval_difficulties) or None)
-            write_diagnose(diag, out / "diagnose.json")
+            write_json(diag, out / "diagnose.json")
         except Exception as e:  # noqa: BLE001 - a pathological model must not stop the grid; reported
             cell["diagnose_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             traceback.print_exc()
         cell["diagnose_seconds"] = time.time() - t2
-    _write_json_atomic(out / "cell.json", cell)
+    write_json(cell, out / "cell.json")
     return cell
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(json.loads(json.dumps(obj), parse_constant=lambda _: None), indent=1) + "\n")
-    os.replace(tmp, path)
 
 
 def _child(argv: list[str]) -> int:

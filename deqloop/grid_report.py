@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from deqloop.evaluate import write_json
 from deqloop.grid import GridSpec, cell_dir, load_cell
 
 # The axes, per diagnosed difficulty: (key, label, where in a diagnose row, transform)
@@ -92,7 +93,6 @@ def summarize(spec: GridSpec, root: str | Path) -> dict:
         k_train = str(c["train_max_iter"])
         c["train_level_acc"] = _mean([c["acc"][str(d)].get(k_train, math.nan) for d in train_d])
         c["harder_acc"] = _mean([c["acc"][str(d)][top] for d in harder])
-        c["best_harder_acc"] = _mean([max(c["acc"][str(d)].values()) for d in harder])
         c["exact_harder_acc"] = _mean([c["exact"][str(d)][top] for d in harder])
     configs = []
     for recall in spec.recalls:
@@ -171,9 +171,8 @@ def write_report(spec: GridSpec, summary: dict, out_dir: str | Path, root_label:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     task = summary["task"]
-    clean = json.loads(json.dumps(summary), parse_constant=lambda _: None)
     paths = [out / f"{task}_summary.json"]
-    paths[0].write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
+    write_json(summary, paths[0])
     if summary["configs"]:
         paths += [plot_accuracy(summary, out / f"{task}_accuracy.png")]
         if any(c["axes"] for c in summary["cells"]):

@@ -244,6 +244,14 @@ class LoopedTransformer(nn.Module):
         return self.head_logits(z)
 
 
+def task_configs(task, model: dict | None = None, solve: dict | None = None) -> tuple[ModelConfig, SolveConfig]:
+    """The configs of a model for `task` (a tasks.Task): the given fields, else the task's
+    model_defaults / solve_defaults, else the dataclass defaults."""
+    model_cfg = ModelConfig(vocab_size=task.vocab_size, n_classes=task.n_classes,
+                            **{**task.model_defaults, **(model or {})})
+    return model_cfg, SolveConfig(**{**task.solve_defaults, **(solve or {})})
+
+
 def build_model(cfg: ModelConfig, seed: int) -> LoopedTransformer:
     """A model whose initial weights depend on `seed` only (the global RNG is left as it was)."""
     with torch.random.fork_rng(devices=[]):

@@ -2,14 +2,12 @@
 
 import torch
 
-from deqloop.model import ModelConfig, SolveConfig, build_model
+from deqloop.model import build_model, task_configs
 
 
 def fit_fixed_batch(task, batch, *, max_iter: int, steps: int, lr: float) -> list[float]:
     """Losses of `steps` Adam steps of a d_model=32 model with the task's defaults on `batch`."""
-    cfg = ModelConfig(vocab_size=task.vocab_size, n_classes=task.n_classes,
-                      **{**task.model_defaults, "d_model": 32, "n_heads": 2})
-    solve = SolveConfig(**{**task.solve_defaults, "max_iter": max_iter})
+    cfg, solve = task_configs(task, {"d_model": 32, "n_heads": 2}, {"max_iter": max_iter})
     model = build_model(cfg, seed=0)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
