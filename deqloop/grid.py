@@ -217,6 +217,28 @@ def run_grid(spec: GridSpec, root: str | Path = "runs/grid", *, jobs: int = 1, t
     return [c for c in (load_cell(spec, root, *cell) for cell in spec.cells()) if c is not None]
 
 
+def training_seconds(metrics: list[dict]) -> float | None:
+    """Seconds in the training loop for the steps a run kept, summed over its sittings.
+
+    Each train row's `time` counts from the start of its own sitting, and a resumed run's rows
+    restart after a "resume" row (rows past the last checkpoint were dropped, their steps
+    redone), so the sum is the cost of the finished steps. None without train rows.
+    """
+    total, last, seen = 0.0, 0.0, False
+    for row in metrics:
+        if row.get("kind") == "resume":
+            total, last = total + last, 0.0
+        elif row.get("kind") == "train" and "time" in row:
+            last, seen = float(row["time"]), True
+    return total + last if seen else None
+
+
+def read_metrics(path: str | Path) -> list[dict]:
+    path = Path(path)
+    text = path.read_text() if path.exists() else ""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
 def cell_name(recall: str, norm: str, seed: int | str) -> str:
     return f"{recall}-{norm}/seed{seed}"
 
@@ -288,10 +310,9 @@ def _run_cell(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: in
             train(train_cfg, model_cfg, solve_cfg, resume=done > 0)
         except FloatingPointError as e:  # a diverged run is a result of the grid, not a crash
             status, cell["error"] = "diverged", str(e)
-    cell["train_seconds"] = time.time() - t0
-    metrics_path = out / "metrics.jsonl"
-    text = metrics_path.read_text() if metrics_path.exists() else ""
-    metrics = [json.loads(line) for line in text.splitlines() if line.strip()]
+    metrics = read_metrics(out / "metrics.jsonl")
+    # the loop's own clock, over every sitting: a resumed cell's wall time here would count only the last
+    cell["train_seconds"] = training_seconds(metrics) or time.time() - t0
     rows = [m for m in metrics if m.get("kind") == "train"]
     cell["final_loss"] = rows[-1]["loss"] if rows else math.nan
     cell["train_acc"] = float(np.mean([m["acc"] for m in rows[-10:]])) if rows else math.nan

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from deqloop.evaluate import write_json
-from deqloop.grid import GridSpec, cell_dir, load_cell
+from deqloop.grid import GridSpec, cell_dir, load_cell, read_metrics, training_seconds
 
 # The axes, per diagnosed difficulty: (key, label, where in a diagnose row, transform)
 AXES = {
@@ -55,6 +55,10 @@ def cell_summary(spec: GridSpec, root: str | Path, recall: str, norm: str, seed:
     out = cell_dir(root, spec.task, recall, norm, seed)
     s = {k: cell.get(k) for k in ("recall", "norm", "seed", "status", "final_loss", "train_acc", "train_seconds",
                                    "eval_seconds", "diagnose_seconds", "error", "diagnose_error")}
+    # from the metrics, not cell.json: cells written before training_seconds counted their last sitting only
+    seconds = training_seconds(read_metrics(out / "metrics.jsonl"))
+    if seconds is not None:
+        s["train_seconds"] = seconds
     s["acc"], s["exact"], s["axes"] = {}, {}, {}
     if cell["status"] != "finished":
         return s

@@ -8,7 +8,8 @@ import pytest
 
 import deqloop.train
 from deqloop.checkpoint import load_checkpoint
-from deqloop.grid import GridError, GridSpec, cell_dir, claim_root, load_cell, run_cell, run_grid
+from deqloop.grid import (GridError, GridSpec, cell_dir, claim_root, load_cell, run_cell, run_grid,
+                          training_seconds)
 from deqloop.grid_report import correlations, summarize, write_report
 from tests.test_cli import assert_usage_error, run
 
@@ -82,6 +83,17 @@ def test_a_killed_cell_resumes_its_training(tmp_path):
     assert cell["status"] == "finished" and ckpt["step"] == 4
     assert [m["step"] for m in ckpt["metrics"] if m["kind"] == "resume"] == [2]
     assert [m["step"] for m in ckpt["metrics"] if m["kind"] == "train"] == [1, 2, 3, 4]
+    times = {m["step"]: m["time"] for m in ckpt["metrics"] if m["kind"] == "train"}
+    assert cell["train_seconds"] == pytest.approx(times[2] + times[4])  # both sittings, not the last one
+
+
+def test_training_seconds_sums_the_sittings():
+    rows = [{"kind": "train", "step": 1, "time": 1.0}, {"kind": "train", "step": 2, "time": 2.5},
+            {"kind": "resume", "step": 2}, {"kind": "eval", "step": 2},
+            {"kind": "train", "step": 3, "time": 0.5}, {"kind": "train", "step": 4, "time": 1.25}]
+    assert training_seconds(rows) == pytest.approx(3.75)
+    assert training_seconds(rows[:2]) == pytest.approx(2.5)
+    assert training_seconds([{"kind": "resume", "step": 0}]) is None
 
 
 def test_a_diverged_run_is_a_result_not_a_crash(tmp_path, monkeypatch):
