@@ -316,12 +316,17 @@ def plot_axes(summary: dict, path: Path) -> Path:
     markers = {"none": "x", "pre": "o", "post": "s", "outer": "^"}
     corr = {(r["axis"], str(r["difficulty"])): r for r in summary["correlations"]}
     for ax, key in zip(axes.flat, keys):
+        xs = []
         for c in cells:
             if d in c["axes"]:
                 x = c["axes"][d][key]
-                x = np.nan if x is None else x
-                ax.scatter([min(x, 1e6) if np.isfinite(x) else np.nan], [c["harder_acc"]], s=22,
+                x = np.nan if x is None else min(x, 1e6)
+                xs.append(x)
+                ax.scatter([x if np.isfinite(x) else np.nan], [c["harder_acc"]], s=22,
                            color=colors.get(c["recall"], "k"), marker=markers.get(c["norm"], "o"))
+        xs = np.array([x for x in xs if np.isfinite(x) and x > 0])
+        if len(xs) and xs.max() > 1e3 * max(np.median(xs), 1e-12):  # one outlier would squash the rest
+            ax.set_xscale("symlog", linthresh=max(float(np.min(xs)), 1e-6))
         r = corr.get((key, d))
         rho = f"rho {r['rho']:+.2f}" if r and not math.isnan(r["rho"]) else "rho -"
         ax.set_title(f"{key} ({rho})", fontsize=9)
