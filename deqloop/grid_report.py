@@ -195,20 +195,25 @@ def markdown(summary: dict, figures: list[str]) -> str:
              f"Written by `python cli.py grid {task}` (or `--report-only`); {summary['n_done']} of {summary['n_cells']} cells "
              f"done (settings fingerprint `{summary['fingerprint']}`).", "",
              f"Size: {summary['note']}." if summary["note"] else "", "",
-             f"Metric: {metric}. Values in %, mean ± standard deviation over seeds (a diverged run counts as 0). "
+             f"Metric: {metric}. Values in %, mean ± standard deviation over seeds (a diverged run counts as 0; "
+             "*div* in the last column). "
              f"*train*: training difficulties {summary['train_difficulties']} at the training budget; "
              f"*harder*: mean over difficulties {hard} at the largest budget ({iters[-1] if iters else '-'} "
              "iterations).", ""]
     exact_col = summary["metric"] != "acc"
     head = (["recall", "norm", "runs", "train", "harder"] + (["exact harder"] if exact_col else [])
-            + [f"d={d} @{iters[-1]}" for d in summary["difficulties"]])
+            + [f"d={d} @{iters[-1]}" for d in summary["difficulties"]] + ["harder per seed"])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in summary["configs"]:
         runs = f"{c['n']}" + (f" ({c['n_diverged']} diverged)" if c["n_diverged"] else "")
         per_d = [_pm(c["acc"][str(d)][str(iters[-1])]) for d in summary["difficulties"]]
         exact = [_pm(c["exact_harder_acc"])] if exact_col else []
+        mine = sorted((x for x in summary["cells"] if (x["recall"], x["norm"]) == (c["recall"], c["norm"])),
+                      key=lambda x: x["seed"])
+        seeds = " / ".join(f"s{x['seed']} " + ("div" if x["status"] == "diverged" else f"{100 * x['harder_acc']:.0f}")
+                           for x in mine)
         lines.append("| " + " | ".join([c["recall"], c["norm"], runs, _pm(c["train_level_acc"]),
-                                        _pm(c["harder_acc"]), *exact, *per_d]) + " |")
+                                        _pm(c["harder_acc"]), *exact, *per_d, seeds]) + " |")
     lines += ["", "## Accuracy against the test-time budget", "",
               "Mean accuracy (%) over seeds at each budget, per difficulty: `d: acc@k1 / acc@k2 / ...` for "
               f"budgets {' / '.join(map(str, iters))}.", ""]
