@@ -291,7 +291,7 @@ def plot_accuracy(summary: dict, path: Path) -> Path:
             ax.grid(True, alpha=0.3)
             ax.set_title(f"recall {r}, norm {n}", fontsize=9)
             if j == 0:
-                ax.set_ylabel("exact accuracy")
+                ax.set_ylabel("exact accuracy" if summary["metric"] == "acc" else summary["metric"])
             if i == len(recalls) - 1:
                 ax.set_xlabel("test-time iterations")
     handles, labels = axes[0][0].get_legend_handles_labels()
@@ -345,7 +345,7 @@ def plot_axes(summary: dict, path: Path) -> Path:
         for name, m in markers.items():
             ax.scatter([], [], color="gray", marker=m, label=f"norm {name}")
         ax.legend(fontsize=7, loc="center")
-    axes[0][0].set_ylabel("harder accuracy")
+    axes[0][0].set_ylabel("harder accuracy" if summary["metric"] == "acc" else f"harder {summary['metric']}")
     fig.suptitle(f"{summary['task']}: each axis at difficulty {d} vs harder accuracy (one point per run)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
