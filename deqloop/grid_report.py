@@ -325,9 +325,9 @@ def plot_axes(summary: dict, path: Path) -> Path:
         for c in cells:
             if d in c["axes"]:
                 x = c["axes"][d][key]
-                x = np.nan if x is None else min(x, 1e6)
+                x = np.nan if x is None else min(x, 1e6)  # an infinite condition number is drawn at 1e6
                 xs.append(x)
-                ax.scatter([x if np.isfinite(x) else np.nan], [c["harder_acc"]], s=22,
+                ax.scatter([x], [c["harder_acc"]], s=22,
                            color=colors.get(c["recall"], "k"), marker=markers.get(c["norm"], "o"))
         xs = np.array([x for x in xs if np.isfinite(x) and x > 0])
         if len(xs) and xs.max() > 1e3 * max(np.median(xs), 1e-12):  # one outlier would squash the rest
