@@ -30,7 +30,7 @@ from deqloop.diagnose import DiagnoseSettings, diagnose_checkpoint
 from deqloop.diagnose import plot as plot_diagnose
 from deqloop.diagnose import print_table as print_diagnose
 from deqloop.evaluate import EVAL_N, evaluate_checkpoint, plot, print_table, write_json
-from deqloop.model import BACKWARDS, NORMS, RECALLS, Z0S, ModelConfig, SolveConfig, task_configs
+from deqloop.model import BACKWARDS, NORMS, RECALLS, RELATIONS, Z0S, ModelConfig, SolveConfig, task_configs
 from deqloop.train import RUN_CONTROL, ConfigError, Interrupted, TrainConfig, resolve_device, train
 from tasks import TaskInputError, get_task
 
@@ -48,15 +48,24 @@ class Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
 
 
-def int_list(text: str) -> tuple[int, ...]:
-    """'16,32,64' -> (16, 32, 64)."""
+def _int_list(text: str, low: int, example: str) -> tuple[int, ...]:
     parts = [v.strip() for v in text.split(",") if v.strip()]
     if not parts or not all(v.lstrip("-").isdigit() for v in parts):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as 16,32, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as {example}, got {text!r}")
     values = tuple(int(v) for v in parts)
-    if any(v < 1 for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive integers such as 16,32, got {text!r}")
+    if any(v < low for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= {low} such as {example}, got {text!r}")
     return values
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """'16,32,64' -> (16, 32, 64): positive integers (iteration budgets)."""
+    return _int_list(text, 1, "16,32")
+
+
+def difficulty_list(text: str) -> tuple[int, ...]:
+    """'0,1' -> (0, 1): difficulties may be 0 (sudoku's bucket 0); a task rejects those it has no data for."""
+    return _int_list(text, 0, "0,1")
 
 
 def int_at_least(low: int, what: str):
@@ -85,6 +94,10 @@ def window_arg(text: str) -> int | None:
         raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
 
 
+def none_or_str(text: str) -> str | None:
+    return None if text.lower() == "none" else text
+
+
 def one_line(e: BaseException) -> str:
     return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
@@ -104,10 +117,12 @@ def device_arg(name: str) -> torch.device:
 CONFIGS = {"model": ModelConfig, "solve": SolveConfig, "train": TrainConfig}
 # flag dest -> (config, field): the field's own name, except --heads
 TRAIN_FLAGS = {
-    **{name: ("model", name) for name in ("recall", "norm", "z0", "d_model", "mlp_ratio", "window")},
+    **{name: ("model", name) for name in ("recall", "norm", "z0", "d_model", "mlp_ratio", "window",
+                                          "n_positions", "relations")},
     "heads": ("model", "n_heads"),
     **{name: ("solve", name) for name in ("solver", "max_iter", "tol", "backward", "b_solver", "b_max_iter",
-                                          "b_tol", "phantom_steps", "progressive_alpha")},
+                                          "b_tol", "phantom_steps", "progressive_alpha", "loss_every",
+                                          "detach_iters", "detach_random")},
     **{f.name: ("train", f.name) for f in fields(TrainConfig) if f.name != "task"},
 }
 
@@ -123,7 +138,7 @@ def add_train(p: argparse.ArgumentParser) -> None:
         kind, name = TRAIN_FLAGS[dest]
         shown = default(CONFIGS[kind], name) if shown is None else shown
         if not {"choices", "action", "metavar"} & set(kw):
-            metavars = {int: "N", float: "X", int_list: "N,N,..", window_arg: "N|none"}
+            metavars = {int: "N", float: "X", int_list: "N,N,..", difficulty_list: "N,N,..", window_arg: "N|none", none_or_str: "NAME|none"}
             kw["metavar"] = metavars.get(kw.get("type"), "NAME")
         group.add_argument("--" + dest.replace("_", "-"), dest=dest, default=argparse.SUPPRESS,
                            help=f"{help} (default: {shown})", **kw)
@@ -143,6 +158,9 @@ def add_train(p: argparse.ArgumentParser) -> None:
     flag(g, "mlp_ratio", "MLP width / d_model", type=int)
     flag(g, "window", "local attention window, or 'none' for global attention", type=window_arg,
          shown=f"the task's, else {default(ModelConfig, 'window')}")
+    flag(g, "n_positions", "learned absolute positions, 0 for none", type=int, shown="the task's, else 0")
+    flag(g, "relations", "board-structured attention: " + ", ".join(RELATIONS) + ", or 'none'",
+         type=none_or_str, shown="the task's, else none")
     g = p.add_argument_group("solver")
     flag(g, "solver", "forward solver (see solvers.SOLVERS)")
     flag(g, "max_iter", "forward iterations at most", type=int)
@@ -153,6 +171,11 @@ def add_train(p: argparse.ArgumentParser) -> None:
     flag(g, "b_tol", "adjoint tolerance", type=float)
     flag(g, "phantom_steps", "steps of the phantom gradient and of the progressive loss", type=int)
     flag(g, "progressive_alpha", "weight of the progressive loss term", type=float)
+    flag(g, "loss_every", "unroll: also score every N-th iterate (loss along the loop), 0 for the last only",
+         type=int)
+    flag(g, "detach_iters", "unroll: the first N of the max-iter iterations run without gradient", type=int)
+    flag(g, "detach_random", "unroll: draw that no-gradient prefix from 0..N at every step (the differentiated "
+         "segment keeps its length)", action="store_const", const=True)
     g = p.add_argument_group("training")
     flag(g, "seed", "seed of the init, the data and the progressive depth", type=int)
     flag(g, "steps", "optimizer steps", type=int)
@@ -162,8 +185,8 @@ def add_train(p: argparse.ArgumentParser) -> None:
     flag(g, "warmup_steps", "linear warmup steps", type=int)
     flag(g, "min_lr_ratio", "cosine floor as a fraction of lr", type=float)
     flag(g, "grad_clip", "gradient norm clip, 0 for none", type=float)
-    flag(g, "train_difficulties", "comma-separated", shown="the task's", type=int_list)
-    flag(g, "test_difficulties", "comma-separated", shown="the task's", type=int_list)
+    flag(g, "train_difficulties", "comma-separated", shown="the task's", type=difficulty_list)
+    flag(g, "test_difficulties", "comma-separated", shown="the task's", type=difficulty_list)
     flag(g, "eval_every", "evaluate every N steps, 0 for never", type=int)
     flag(g, "eval_size", "test examples per difficulty", type=int)
     flag(g, "log_every", "a metrics.jsonl train row every N steps", type=int)
@@ -233,7 +256,7 @@ def run_train(args) -> int:
 
 def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint.pt written by train")
-    p.add_argument("--difficulties", type=int_list, metavar="N,N,..",
+    p.add_argument("--difficulties", type=difficulty_list, metavar="N,N,..",
                    help="comma-separated (default: the run's test difficulties)")
     p.add_argument("--iters", type=int_list, metavar="N,N,..",
                    help="comma-separated max_iter budgets (default: the training max_iter doubled up to 8x, "
@@ -291,6 +314,9 @@ def run_solve(args) -> int:
             raise UsageError(one_line(e)) from None
     pred = task.predict(logits, tokens)
     print(task.decode(tokens[0].cpu(), pred[0].cpu()))
+    verdict = task.verdict(tokens[0].cpu(), pred[0].cpu())
+    if verdict:
+        print(verdict)
     print(f"solver: {int(result.n_steps[0])} steps (max_iter {max_iter}), "
           f"residual {float(result.residual[0]):.3g} ({result.stop_mode}), status {result.status.name}")
     print(result.message)
@@ -311,7 +337,7 @@ def positive_float(text: str) -> float:
 
 def add_diagnose(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint.pt written by train")
-    p.add_argument("--difficulty", "--difficulties", dest="difficulties", type=int_list, metavar="N,N,..",
+    p.add_argument("--difficulty", "--difficulties", dest="difficulties", type=difficulty_list, metavar="N,N,..",
                    help="comma-separated (default: the run's test difficulties)")
     p.add_argument("--n-inputs", type=positive_int, default=default(DiagnoseSettings, "n_inputs"), metavar="N",
                    help="test inputs per difficulty, at least 2 (default: %(default)s)")

@@ -57,12 +57,21 @@ def evaluate(model: nn.Module, task: Task, solve: SolveConfig, batch: Batch, *, 
     chunk = max(1, max_tokens // max(1, batch.inputs.shape[1]))
     correct, steps, converged, worst = 0, 0.0, 0, 0.0
     extra: dict[str, float] = {}
+    by: dict[int, list[int]] = {}  # the task's breakdown value -> [right, n]
+    label = None
     for start in range(0, len(batch), chunk):
         rows = slice(start, start + chunk)
         part = Batch(batch.inputs[rows], batch.targets[rows], batch.difficulty[rows]).to(device)
         logits, result, _ = model(part.inputs, solve, max_iter=max_iter)
         pred = task.predict(logits, part.inputs)
-        correct += int(task.exact_match(pred, part).sum())
+        right = task.exact_match(pred, part)
+        correct += int(right.sum())
+        groups = task.breakdown(part)
+        if groups is not None:
+            label = groups[0]
+            for value, ok in zip(groups[1].tolist(), right.tolist()):
+                by.setdefault(value, [0, 0])[0] += ok
+                by[value][1] += 1
         for name, values in task.metrics(pred, part).items():
             extra[name] = extra.get(name, 0.0) + float(values.double().sum())
         steps += float(result.n_steps.double().sum())
@@ -71,8 +80,11 @@ def evaluate(model: nn.Module, task: Task, solve: SolveConfig, batch: Batch, *, 
         worst = max(worst, float(res.max())) if bool(torch.isfinite(res).all()) else math.inf
     model.train(was_training)
     n = len(batch)
-    return {"acc": correct / n, "solver_steps": steps / n, "converged": converged / n,
-            "max_residual": worst, "n": n, **{name: total / n for name, total in extra.items()}}
+    report = {"acc": correct / n, "solver_steps": steps / n, "converged": converged / n,
+              "max_residual": worst, "n": n, **{name: total / n for name, total in extra.items()}}
+    if label is not None:  # e.g. "by_givens": {"24": {"acc": 0.5, "n": 10}, ...}
+        report[f"by_{label}"] = {str(v): {"acc": r / k, "n": k} for v, (r, k) in sorted(by.items())}
+    return report
 
 
 def default_iters(solve: SolveConfig, task: Task, difficulties) -> list[int]:
@@ -131,6 +143,11 @@ def print_table(report: dict, console: Console | None = None) -> None:
                        f"[dim]{c['solver_steps']:.1f} st, {100 * c['converged']:.0f}% conv[/dim]")
         table.add_row(str(d), *row)
     console.print(table)
+    for d in report["difficulties"]:  # the task's second label, at the largest budget
+        c = by_cell[(d, report["iters"][-1])]
+        for key in (k for k in c if k.startswith("by_")):
+            parts = [f"{v}: {100 * g['acc']:.0f}% of {g['n']}" for v, g in c[key].items()]
+            console.print(f"difficulty {d}, max_iter {c['max_iter']}, exact by {key[3:]}: " + ", ".join(parts))
 
 
 def write_json(report: dict, path: str | Path) -> None:

@@ -4,10 +4,16 @@
     z* = f(z*, x)  found by a solver        # one shared block, `recall` x `norm` (docs/DESIGN.md §1)
     logits = head(z*)                       # (B, T, n_classes)
 
-Positions: local attention with a learned bias per head and relative offset (window `window`),
-so the cell is the same at every position and any length; the number of iterations, not the
-weights, decides how far information travels. Fixed-size boards can instead use global
-attention plus learned absolute positions (`window=None`, `n_positions`).
+Positions, three ways:
+- local attention with a learned bias per head and relative offset (window `window`), so the
+  cell is the same at every position and any length; the number of iterations, not the
+  weights, decides how far information travels;
+- global attention plus learned absolute positions (`window=None`, `n_positions`);
+- board-structured attention (`window=None`, `relations=NAME`): a scheme of RELATIONS gives
+  every pair of positions a relation id (sudoku: same row / column / box; a chess board: the
+  (rank, file) offset), attention adds a learned bias per head and relation, and the scheme may
+  mask some relations out entirely (sudoku peers only). The cell is then the same at every
+  position that has the same relations, so the board's symmetries hold by construction.
 """
 
 from __future__ import annotations
@@ -29,6 +35,41 @@ Z0S = ("zeros", "input", "random")
 BACKWARDS = ("ift", "phantom", "unroll", "progressive")
 
 
+def sudoku_relations(peers_only: bool) -> tuple[Tensor, int]:
+    """Relation ids (81, 81) of two sudoku cells, row by row: 0 self, 1 same row only, 2 same column
+    only, 3 same box only, 4 same row and box, 5 same column and box, 6 unrelated (-1, masked out,
+    when `peers_only`: a cell then sees itself and its 20 peers)."""
+    i = torch.arange(81)
+    row, col = i // 9, i % 9
+    box = (row // 3) * 3 + col // 3
+    same = lambda a: a[:, None] == a[None, :]
+    r, c, b = same(row), same(col), same(box)
+    ids = torch.full((81, 81), 6)
+    ids[r & ~b], ids[c & ~b], ids[b & ~r & ~c] = 1, 2, 3
+    ids[r & b], ids[c & b] = 4, 5
+    ids[torch.eye(81, dtype=torch.bool)] = 0
+    if peers_only:
+        ids[ids == 6] = -1
+    return ids, 6 if peers_only else 7
+
+
+def board_relations(ranks: int = 8, files: int = 8) -> tuple[Tensor, int]:
+    """Relation ids of two squares of a ranks x files board, square index rank * files + file:
+    one id per (rank offset, file offset), so the same offset is the same relation on every square."""
+    i = torch.arange(ranks * files)
+    dr = (i // files)[None, :] - (i // files)[:, None] + ranks - 1
+    df = (i % files)[None, :] - (i % files)[:, None] + files - 1
+    return dr * (2 * files - 1) + df, (2 * ranks - 1) * (2 * files - 1)
+
+
+# name -> () -> (ids (T, T) int64 with -1 where attention is masked out, number of relations)
+RELATIONS = {
+    "sudoku": lambda: sudoku_relations(peers_only=False),
+    "sudoku_peers": lambda: sudoku_relations(peers_only=True),
+    "board8": lambda: board_relations(8, 8),
+}
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int  # input token ids are in [0, vocab_size)
@@ -43,6 +84,7 @@ class ModelConfig:
     norm: str = "outer"  # normalization placement: none | pre | post | outer (DESIGN §1)
     z0: str = "input"  # initial state: zeros | input (the embedded x) | random (seeded)
     z0_seed: int = 0  # seed of the random z0, so a model's z0 is reproducible
+    relations: str | None = None  # board-structured attention: a key of RELATIONS (needs window=None)
 
     def __post_init__(self):
         for name, value, valid in (("recall", self.recall, RECALLS), ("norm", self.norm, NORMS),
@@ -53,6 +95,11 @@ class ModelConfig:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.window is not None and self.window < 1:
             raise ValueError(f"window must be >= 1 or None, got {self.window}")
+        if self.relations is not None:
+            if self.relations not in RELATIONS:
+                raise ValueError(f"relations must be one of {', '.join(RELATIONS)} or None; got {self.relations!r}")
+            if self.window is not None or self.causal:
+                raise ValueError("relations need global, non-causal attention (window=None, causal=False)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +119,9 @@ class SolveConfig:
     b_tol: float = 1e-4
     phantom_steps: int = 1  # k of phantom / k-step gradients, and of the progressive loss
     progressive_alpha: float = 0.5  # weight of the progressive term (deep thinking); 1: that term alone
+    loss_every: int = 0  # unroll: 0 scores the last iterate only; k scores every k-th differentiated iterate too
+    detach_iters: int = 0  # unroll: of the max_iter iterations, the first this many run without gradient
+    detach_random: bool = False  # unroll: draw the no-gradient prefix from 0..detach_iters at every step
 
     def __post_init__(self):
         get_solver(self.solver)
@@ -81,6 +131,11 @@ class SolveConfig:
             raise ValueError(f"backward must be one of {', '.join(BACKWARDS)}; got {self.backward!r}")
         if not 0 <= self.progressive_alpha <= 1:
             raise ValueError(f"progressive_alpha must be in [0, 1], got {self.progressive_alpha}")
+        if self.loss_every < 0 or not 0 <= self.detach_iters < self.max_iter:
+            raise ValueError(f"need loss_every >= 0 and 0 <= detach_iters < max_iter={self.max_iter}; "
+                             f"got {self.loss_every} and {self.detach_iters}")
+        if (self.loss_every or self.detach_iters or self.detach_random) and self.backward != "unroll":
+            raise ValueError(f"loss_every and detach_iters belong to backward='unroll', not {self.backward!r}")
 
     def forward_options(self, max_iter: int | None = None, tol: float | None = None) -> dict:
         return {"max_iter": self.max_iter if max_iter is None else max_iter,
@@ -99,6 +154,13 @@ class Attention(nn.Module):
         self.n_heads, self.window, self.causal = cfg.n_heads, cfg.window, cfg.causal
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        self.relation_bias = None
+        if cfg.relations is not None:
+            ids, n_relations = RELATIONS[cfg.relations]()
+            # a buffer, not state: rebuilt from the config, so old checkpoints stay loadable
+            self.register_buffer("relation_ids", ids.clamp_min(0), persistent=False)
+            self.register_buffer("relation_mask", ids < 0, persistent=False)
+            self.relation_bias = nn.Parameter(torch.zeros(cfg.n_heads, n_relations))
         if cfg.window is not None:
             # offsets -left .. +right relative to the query position
             self.left = cfg.window - 1 if cfg.causal else cfg.window // 2
@@ -112,10 +174,20 @@ class Attention(nn.Module):
     def forward(self, h: Tensor) -> Tensor:
         if self.window is None:
             q, k, v = rearrange(self.qkv(h), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._relation_mask(h.shape[1]),
+                                               is_causal=self.causal)
         else:
             y = self._local(h)
         return self.out(rearrange(y, "b h t e -> b t (h e)"))
+
+    def _relation_mask(self, t: int) -> Tensor | None:
+        """The additive attention bias (H, T, T) of the relation scheme, -inf where masked out."""
+        if self.relation_bias is None:
+            return None
+        if t != self.relation_ids.shape[0]:
+            raise ValueError(f"input length {t} does not fit the {self.relation_ids.shape[0]}-position relation scheme")
+        bias = self.relation_bias[:, self.relation_ids]  # (H, T, T)
+        return bias.masked_fill(self.relation_mask, float("-inf"))
 
     def _local(self, h: Tensor) -> Tensor:
         b, t, d = h.shape
@@ -204,10 +276,11 @@ class LoopedTransformer(nn.Module):
 
     def forward(self, tokens: Tensor, solve: SolveConfig, *, max_iter: int | None = None,
                 tol: float | None = None, generator: torch.Generator | None = None):
-        """Logits at the fixed point and the forward solver's result.
+        """Logits at the fixed point, the forward solver's result, and the training loss's extra logits.
 
-        In training with backward="progressive", also returns the logits of the progressive
-        term (see `progressive_logits`); otherwise that slot is None.
+        The third slot is None except in training with backward="progressive" (the logits of the
+        progressive term, see `progressive_logits`: (B, T, C)) or with backward="unroll" and
+        loss_every=k (the logits of every k-th differentiated iterate before the last: (K, B, T, C)).
         """
         x = self.embed_input(tokens)
         z0 = self.z_init(x)
@@ -216,17 +289,28 @@ class LoopedTransformer(nn.Module):
         # Deep thinking's full-depth term backpropagates through the whole unrolled loop; with
         # progressive_alpha = 1 it has no weight, and the fixed point is solved without gradient.
         grad = "unroll" if solve.backward == "progressive" else solve.backward
+        along = []  # logits along the loop (loss_every), before the last iterate
+        steps, detach = options["max_iter"], min(solve.detach_iters, options["max_iter"] - 1)
+        if solve.detach_random and grad == "unroll" and torch.is_grad_enabled() and generator is not None:
+            # a prefix of 0..detach no-gradient iterations, then the same differentiated segment
+            # (without a generator: the whole prefix, so nothing draws from the global RNG)
+            drawn = int(torch.randint(0, detach + 1, (1,), generator=generator))
+            steps, detach = steps - detach + drawn, drawn
+        every = solve.loss_every if grad == "unroll" else 0
+        on_iterate = (lambda i, z: along.append(self.head_logits(z)) if i % every == 0 and i < steps else None) \
+            if every else None
         with torch.set_grad_enabled(torch.is_grad_enabled() and not (progressive and solve.progressive_alpha == 1)):
             z, result = fixed_point(
                 self.cell(x), z0, solver=solve.solver, solver_options=options, grad=grad,
                 b_solver=solve.b_solver, b_solver_options={"max_iter": solve.b_max_iter, "tol": solve.b_tol},
-                phantom_steps=solve.phantom_steps, unroll_steps=options["max_iter"],
+                phantom_steps=solve.phantom_steps, unroll_steps=steps,
+                unroll_detach=detach, on_iterate=on_iterate,
             )
             logits = self.head_logits(z)
-        prog = None
+        extra = torch.stack(along) if along else None
         if progressive:
-            prog = self.progressive_logits(x, z0, options["max_iter"], solve.phantom_steps, generator)
-        return logits, result, prog
+            extra = self.progressive_logits(x, z0, steps, solve.phantom_steps, generator)
+        return logits, result, extra
 
     def progressive_logits(self, x: Tensor, z0: Tensor, max_iter: int, k: int,
                            generator: torch.Generator | None) -> Tensor:

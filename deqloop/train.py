@@ -123,14 +123,19 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
-def compute_loss(task: Task, logits: Tensor, prog_logits: Tensor | None, targets: Tensor,
+def compute_loss(task: Task, logits: Tensor, extra_logits: Tensor | None, targets: Tensor,
                  solve: SolveConfig) -> Tensor:
-    """The task's loss at the fixed point, mixed with the progressive term when the model returns one."""
+    """The task's loss at the last iterate, with the model's extra logits when it returns them:
+    mixed with the progressive term (backward="progressive"), or averaged with the iterates along
+    the loop (loss_every: every scored iterate weighs the same)."""
     loss = task.loss(logits, targets)
-    if prog_logits is not None:
-        prog = task.loss(prog_logits, targets)
-        loss = (1 - solve.progressive_alpha) * loss + solve.progressive_alpha * prog
-    return loss
+    if extra_logits is None:
+        return loss
+    if solve.backward == "progressive":
+        prog = task.loss(extra_logits, targets)
+        return (1 - solve.progressive_alpha) * loss + solve.progressive_alpha * prog
+    along = [task.loss(step_logits, targets) for step_logits in extra_logits]
+    return (loss + sum(along)) / (1 + len(along))
 
 
 def stream_seed(*words: int) -> int:
@@ -318,7 +323,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
                              for d, b in test_sets.items()}
                     row = {"kind": "eval", "step": step}
                     for key in next(iter(cells.values())):  # acc, solver_steps, ... and the task's metrics
-                        if key != "n":
+                        if key != "n" and not key.startswith("by_"):  # breakdowns: the eval command
                             row[key] = {d: c[key] for d, c in cells.items()}
                     row["max_iter"] = {str(d): k for d, k in eval_iters.items()}
                     log(row)

@@ -11,8 +11,10 @@ Three gradients, so they can be compared:
 - "phantom": k damped steps z <- (1 - tau) z + tau f(z) from z*, differentiated by autograd
   (k=1, tau=1 is the one-step / Jacobian-free gradient). An approximation of the IFT gradient.
   Geng et al., "On Training Implicit Models", NeurIPS 2021.
-- "unroll": `unroll_steps` plain iterations from z0, all differentiated (backprop through the
-  loop; memory grows with the number of steps).
+- "unroll": `unroll_steps` plain iterations from z0, differentiated (backprop through the
+  loop; memory grows with the number of steps). The first `unroll_detach` of them run without
+  gradient (truncated backprop: long trajectories at the memory of their last part), and
+  `on_iterate(i, z)` sees every differentiated iterate, so a loss can be put along the loop.
 Without autograd (evaluation) every mode returns the solver's fixed point.
 """
 
@@ -44,6 +46,8 @@ def fixed_point(
     phantom_steps: int = 1,
     phantom_tau: float = 1.0,
     unroll_steps: int = 30,
+    unroll_detach: int = 0,
+    on_iterate: Callable[[int, Tensor], None] | None = None,
     on_backward: Callable[[SolverResult], None] | None = None,
 ) -> tuple[Tensor, SolverResult]:
     """Solve z* = f(z*) and return (z, result) with z differentiable by `grad` (see module doc).
@@ -69,8 +73,11 @@ def fixed_point(
     if isinstance(unroll_steps, bool) or not isinstance(unroll_steps, int) or unroll_steps < 1:
         raise ValueError(f"unroll_steps must be an integer >= 1, got {unroll_steps!r}")
 
+    if isinstance(unroll_detach, bool) or not isinstance(unroll_detach, int) or not 0 <= unroll_detach < unroll_steps:
+        raise ValueError(f"unroll_detach must be an integer in [0, unroll_steps), got {unroll_detach!r}")
+
     if grad == "unroll" and torch.is_grad_enabled():
-        return _unroll(f, z0, unroll_steps, solver_options)
+        return _unroll(f, z0, unroll_steps, solver_options, unroll_detach, on_iterate)
 
     with torch.no_grad():
         result = get_solver(solver)(f, z0.detach(), **solver_options)
@@ -105,11 +112,18 @@ def fixed_point(
     return z_star + (out - out.detach()), result
 
 
-def _unroll(f: Callable[..., Tensor], z0: Tensor, steps: int, solver_options: dict) -> tuple[Tensor, SolverResult]:
-    """`steps` differentiable iterations from z0; the result scores the last iterate."""
+def _unroll(f: Callable[..., Tensor], z0: Tensor, steps: int, solver_options: dict, detach: int = 0,
+            on_iterate: Callable[[int, Tensor], None] | None = None) -> tuple[Tensor, SolverResult]:
+    """`steps` iterations from z0, the last `steps - detach` differentiable (each passed to
+    `on_iterate` with its 1-based index); the result scores the last iterate."""
     z = z0
-    for _ in range(steps):
+    with torch.no_grad():
+        for _ in range(detach):
+            z = f(z)
+    for i in range(detach, steps):
         z = f(z)
+        if on_iterate is not None:
+            on_iterate(i + 1, z)
     score = {k: solver_options[k] for k in ("tol", "stop_mode") if k in solver_options}
     with torch.no_grad():
         last = fixed_point_iter(f, z.detach(), max_iter=1, **score)

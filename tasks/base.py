@@ -85,6 +85,16 @@ class Task(ABC):
         scored = batch.targets != IGNORE
         return ((pred == batch.targets) | ~scored).all(dim=1)
 
+    def breakdown(self, batch: Batch) -> tuple[str, Tensor] | None:
+        """A second label to report accuracy by, beside the difficulty: (name, (N,) int values)
+        (sudoku: the number of givens); None where the task has none."""
+        return None
+
+    def verdict(self, inputs: Tensor, pred: Tensor) -> str | None:
+        """A one-line check of one predicted answer that needs no label (sudoku: are the rules kept?),
+        printed by `cli.py solve`; None where the task has none."""
+        return None
+
     @abstractmethod
     def decode(self, inputs: Tensor, pred: Tensor) -> str:
         """A readable answer from one example's inputs (T,) and predicted classes (T,)."""

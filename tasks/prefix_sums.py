@@ -36,6 +36,8 @@ class PrefixSums(Task):
         return self.eval_max_iter(tokens.shape[1])
 
     def generate(self, n: int, difficulty: int, rng: np.random.Generator, split: str = "train") -> Batch:
+        if difficulty < 1:
+            raise TaskInputError(f"prefix_sums difficulty is a string length >= 1; got {difficulty}")
         bits = rng.integers(0, 2, size=(n, difficulty))
         inputs = torch.from_numpy(bits).long()
         targets = torch.from_numpy(np.cumsum(bits, axis=1) % 2).long()

@@ -43,10 +43,14 @@ minute on one idle core and 10,700 on two (2 worker processes; by CPU time, sinc
 was loaded: on the wall clock 4,500 with one process and 3,900 with two at load average ~3).
 The stream is 41% / 32% / 24% / 3.5% buckets 0 / 1 / 2 / 3, so two idle cores yield about
 4,400 / 3,400 / 2,600 / 390 puzzles a minute of each bucket. Default pools (DEFAULT_SIZES):
-train 4000 / 4000 / 4000 / 500, test 512 / 512 / 512 / 256 puzzles per bucket (fewer of the
-rare bucket 3: its 256 test puzzles take a 7,000-puzzle stream); 250 kB per 4000-puzzle pool
-on disk. Building the default train pools of buckets 0 and 1 (a 13,056-puzzle stream) took
-3 min 35 s with 2 workers, the four test pools (7,680, most of it for bucket 3) 1 min 55 s.
+train 20000 / 20000 / 15000 / 2000, test 512 / 512 / 512 / 256 puzzles per bucket (fewer of the
+rare bucket 3: its 256 test puzzles take a 7,000-puzzle stream); about 1.2 MB per 20000-puzzle
+pool on disk. Building all of them (a 62,464-puzzle train stream, 7,680 test) took 10 min with
+2 workers on 2 cores (2026-12-01, one training run beside it for most of that time); every
+later run loads them from the cache. The train pools were 4000 / 4000 / 4000 / 500 before the
+peer-attention recipe: at 1500 steps the two sizes gave the same test accuracy (docs/TRAINING.md),
+and the larger pools are there for the longer runs, which see each 4000-puzzle pool's puzzles
+over 100 times.
 
 User input (`parse`): 81 cells as digits 1-9 with 0 or . for blanks; whitespace and the grid
 lines `| - +` that `decode` draws are skipped, so a printed grid can be pasted back. A wrong
@@ -279,7 +283,7 @@ def canonical(puzzles: np.ndarray) -> np.ndarray:
 CHUNK = 512  # puzzles per cached piece of a stream
 VERSION = 1  # part of every cache key: bump when generation or labelling changes
 SPLIT_WORD = {"train": 1, "test": 2}  # second seed word of each split's stream
-DEFAULT_SIZES = {"train": {0: 4000, 1: 4000, 2: 4000, 3: 500}, "test": {0: 512, 1: 512, 2: 512, 3: 256}}
+DEFAULT_SIZES = {"train": {0: 20000, 1: 20000, 2: 15000, 3: 2000}, "test": {0: 512, 1: 512, 2: 512, 3: 256}}
 BUCKET_NAMES = {0: "0 guesses", 1: "1-2 guesses", 2: "3-9 guesses", 3: "10+ guesses"}
 
 
@@ -466,6 +470,17 @@ class Sudoku(Task):
         right = ((pred == batch.targets) & blanks).sum(1)
         cell_acc = right / blanks.sum(1).clamp_min(1)  # a full grid has nothing to get wrong
         return {"cell_acc": cell_acc.float(), "valid": valid_grids(pred + 1, batch.inputs).float()}
+
+    def breakdown(self, batch: Batch) -> tuple[str, Tensor]:
+        return "givens", (batch.inputs > 0).sum(1)
+
+    def verdict(self, inputs: Tensor, pred: Tensor) -> str:
+        digits = torch.where(inputs > 0, inputs, pred + 1)[None]
+        if bool(valid_grids(digits, inputs[None])[0]):
+            return "valid: every row, column and box holds 1-9 once, and the givens are kept"
+        per_unit = torch.nn.functional.one_hot(digits[0] - 1, 9)[torch.tensor(UNITS)].sum(1)  # (27, 9)
+        broken = int((per_unit != 1).any(1).sum())
+        return f"NOT valid: {broken} of the 27 rows, columns and boxes miss a digit or repeat one"
 
     def decode(self, inputs: Tensor, pred: Tensor) -> str:
         digits = torch.where(inputs > 0, inputs, pred + 1).tolist()

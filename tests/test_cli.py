@@ -152,7 +152,7 @@ def test_eval_default_budgets_and_paths(capsys, ckpt):
 
 def test_eval_bad_inputs(capsys, ckpt, tmp_path):
     assert_usage_error(*run(capsys, "eval", tmp_path / "none.pt")[::2], "no such file")
-    assert_usage_error(*run(capsys, "eval", ckpt, "--iters", "0,4")[::2], "positive integers")
+    assert_usage_error(*run(capsys, "eval", ckpt, "--iters", "0,4")[::2], "integers >= 1")
     assert_usage_error(*run(capsys, "eval", ckpt, "--json", tmp_path / "no" / "e.json")[::2], "does not exist")
 
 

@@ -143,3 +143,131 @@ def test_progressive_alone_skips_the_full_depth_gradient():
     assert prog.requires_grad
     with pytest.raises(ValueError, match="progressive_alpha"):
         SolveConfig(progressive_alpha=1.5)
+
+
+# ------------------------------------------------------------------ board-structured attention
+
+def sudoku_toy(relations="sudoku_peers"):
+    return build_model(ModelConfig(vocab_size=10, n_classes=9, d_model=16, n_heads=2, window=None,
+                                   causal=False, n_positions=0, relations=relations), seed=0)
+
+
+def test_sudoku_peers_attention_sees_only_row_column_and_box():
+    model = sudoku_toy()
+    with torch.no_grad():
+        model.block.attn.relation_bias.normal_(generator=torch.Generator().manual_seed(0))
+    h = rand(1, 81, 16, seed=7).requires_grad_()
+    cell = 4 * 9 + 4  # the centre cell: row 4, column 4, box 4
+    model.block.attn(h)[0, cell].sum().backward()
+    seen = {j for j in range(81) if h.grad[0, j].abs().sum() > 0}
+    peers = {j for j in range(81) if j // 9 == 4 or j % 9 == 4 or (j // 27 == 1 and j % 9 // 3 == 1)}
+    assert seen == peers and len(peers) == 21
+
+
+def test_relation_bias_is_shared_by_cells_with_the_same_relations():
+    """Relabelling rows within a band (a sudoku symmetry) permutes the output the same way."""
+    model = sudoku_toy("sudoku")
+    with torch.no_grad():
+        model.block.attn.relation_bias.normal_(generator=torch.Generator().manual_seed(1))
+    perm_rows = [1, 0, 2, 5, 3, 4, 6, 8, 7]
+    perm = torch.tensor([r * 9 + c for r in perm_rows for c in range(9)])
+    h = rand(2, 81, 16, seed=8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.block.attn(h)[:, perm], model.block.attn(h[:, perm]))
+        # absolute positions break it: the same model with learned positions does not commute
+        pos = build_model(ModelConfig(vocab_size=10, n_classes=9, d_model=16, n_heads=2, window=None,
+                                      causal=False, n_positions=81), seed=0)
+        x = torch.randint(1, 10, (1, 81), generator=torch.Generator().manual_seed(2))
+        assert not torch.allclose(pos.embed_input(x)[:, perm], pos.embed_input(x[:, perm]))
+
+
+def test_board_relations_are_rank_and_file_offsets():
+    from deqloop.model import board_relations
+
+    ids, n = board_relations(8, 8)
+    assert n == 225 and ids.shape == (64, 64)
+    sq = lambda rank, file: rank * 8 + file
+    assert ids[sq(0, 0), sq(1, 2)] == ids[sq(5, 3), sq(6, 5)]  # the same knight jump anywhere
+    assert ids[sq(0, 0), sq(1, 2)] != ids[sq(0, 0), sq(2, 1)]
+    assert len(set(ids.flatten().tolist())) == 225
+
+
+def test_relations_config_errors():
+    with pytest.raises(ValueError, match="relations must be one of"):
+        ModelConfig(**TOY, window=None, causal=False, relations="hexagon")
+    with pytest.raises(ValueError, match="global, non-causal"):
+        ModelConfig(**TOY, window=4, relations="sudoku")
+    model = sudoku_toy()
+    with pytest.raises(ValueError, match="does not fit the 81-position"):
+        model(torch.zeros(1, 64, dtype=torch.long), SolveConfig(max_iter=2))
+
+
+# ------------------------------------------------------------------ loss along the loop
+
+def test_loss_along_the_loop_scores_every_kth_differentiated_iterate():
+    model = toy(window=None, causal=False)
+    tokens = torch.randint(0, 3, (2, 5), generator=torch.Generator().manual_seed(3))
+    solve = SolveConfig(solver="fixed_point_iter", backward="unroll", max_iter=8, loss_every=2, detach_iters=3)
+    logits, result, along = model(tokens, solve)
+    assert along.shape == (2, 2, 5, 2)  # iterates 4 and 6; the 8th is `logits`
+    # the same iterates by hand: plain iteration from z0
+    with torch.no_grad():
+        x = model.embed_input(tokens)
+        z, seen = model.z_init(x), {}
+        for i in range(1, 9):
+            z = model.f(z, x)
+            seen[i] = model.head_logits(z)
+    torch.testing.assert_close(along, torch.stack([seen[4], seen[6]]))
+    torch.testing.assert_close(logits, seen[8])
+    # the first detach_iters iterations carry no gradient: iterate 4's loss reaches the weights
+    # through one application of f only, so it equals the gradient of f(z3) with z3 fixed
+    along[0].sum().backward()
+    g_along = model.block.mlp[0].weight.grad.clone()
+    model.zero_grad()
+    with torch.no_grad():
+        z3 = model.z_init(x)
+        for _ in range(3):
+            z3 = model.f(z3, x)
+    model.head_logits(model.f(z3, x)).sum().backward()
+    torch.testing.assert_close(g_along, model.block.mlp[0].weight.grad)
+    with torch.no_grad():
+        assert model(tokens, solve)[2] is None  # evaluation: the fixed point only
+
+
+def test_loss_along_the_loop_in_the_training_loss():
+    from deqloop.train import compute_loss
+    from tasks import get_task
+
+    task = get_task("prefix_sums")
+    model = toy(window=4)
+    tokens = torch.randint(0, 2, (3, 6), generator=torch.Generator().manual_seed(4))
+    targets = tokens.cumsum(1) % 2
+    solve = SolveConfig(solver="fixed_point_iter", backward="unroll", max_iter=4, loss_every=1)
+    logits, _, along = model(tokens, solve)
+    expected = sum(task.loss(l, targets) for l in [*along, logits]) / 4
+    torch.testing.assert_close(compute_loss(task, logits, along, targets, solve), expected)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(backward="ift", loss_every=1), "belong to backward='unroll'"),
+    (dict(backward="unroll", max_iter=4, detach_iters=4), "detach_iters < max_iter"),
+    (dict(backward="unroll", loss_every=-1), "loss_every >= 0"),
+])
+def test_bad_loss_along_the_loop(bad, match):
+    with pytest.raises(ValueError, match=match):
+        SolveConfig(**bad)
+
+
+def test_random_detach_keeps_the_differentiated_segment():
+    model = toy(window=None, causal=False)
+    tokens = torch.randint(0, 3, (2, 5), generator=torch.Generator().manual_seed(5))
+    solve = SolveConfig(solver="fixed_point_iter", backward="unroll", max_iter=10, loss_every=1,
+                        detach_iters=6, detach_random=True)
+    lengths = set()
+    for seed in range(12):
+        _, result, along = model(tokens, solve, generator=torch.Generator().manual_seed(seed))
+        assert along.shape[0] == 3  # 4 differentiated iterates: 3 along the loop + the last
+        lengths.add(int(result.n_steps[0]) - 1)  # the unrolled iterations (+1 scoring evaluation)
+    assert lengths <= set(range(4, 11)) and len(lengths) > 2  # prefixes of 0..6 drawn
+    _, result, _ = model(tokens, solve)  # no generator: the whole prefix, no global RNG
+    assert int(result.n_steps[0]) - 1 == 10

@@ -328,3 +328,37 @@ def test_a_few_training_steps_reduce_the_loss(task):
     losses = fit_fixed_batch(task, batch, max_iter=2, steps=30, lr=1e-2)
     assert losses[0] == pytest.approx(np.log(9), abs=0.15)  # 9 classes, nothing learned yet
     assert losses[-1] < losses[0] - 0.4, losses  # observed: 2.28 -> 1.58
+
+
+def test_verdict_says_whether_the_rules_and_givens_hold(task):
+    batch = task.generate(1, 0, np.random.default_rng(2), "test")
+    solution = torch.where(batch.inputs == 0, batch.targets, batch.inputs - 1)[0]
+    assert task.verdict(batch.inputs[0], solution).startswith("valid")
+    wrong = solution.clone()
+    blanks = (batch.inputs[0] == 0).nonzero().flatten()
+    wrong[blanks[0]] = (wrong[blanks[0]] + 1) % 9  # one cell off: its row, column and box break
+    assert task.verdict(batch.inputs[0], wrong) == ("NOT valid: 3 of the 27 rows, columns and boxes "
+                                                     "miss a digit or repeat one")
+
+
+def test_breakdown_by_givens(task):
+    batch = task.generate(4, 1, np.random.default_rng(3), "test")
+    name, values = task.breakdown(batch)
+    assert name == "givens" and values.tolist() == (batch.inputs > 0).sum(1).tolist()
+
+
+# ------------------------------------------------------------------ the second generator
+
+def test_alt_generator_makes_unique_puzzles_at_the_asked_givens():
+    from tasks.sudoku_alt import alt_pool, alt_puzzle
+
+    pool = alt_pool(12, (28, 40), seed=5)
+    givens = (pool["puzzles"] > 0).sum(1)
+    assert ((givens >= 28) & (givens <= 41)).all()  # a symmetric pair can overshoot by one
+    for puzzle, solution in zip(pool["puzzles"], pool["solutions"]):
+        assert brute_count(puzzle.tolist()) == [solution.tolist()]  # unique, by plain backtracking
+        # digging is symmetric under the 180-degree rotation
+        assert ((puzzle > 0) == (puzzle[::-1] > 0)).all()
+    assert np.array_equal(alt_pool(12, (28, 40), seed=5)["puzzles"], pool["puzzles"])
+    with pytest.raises(ValueError, match="givens must be in 17..81"):
+        alt_puzzle(np.random.default_rng(0), 10)
