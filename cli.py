@@ -138,7 +138,8 @@ def add_train(p: argparse.ArgumentParser) -> None:
         kind, name = TRAIN_FLAGS[dest]
         shown = default(CONFIGS[kind], name) if shown is None else shown
         if not {"choices", "action", "metavar"} & set(kw):
-            metavars = {int: "N", float: "X", int_list: "N,N,..", difficulty_list: "N,N,..", window_arg: "N|none", none_or_str: "NAME|none"}
+            metavars = {int: "N", float: "X", int_list: "N,N,..", difficulty_list: "N,N,..", window_arg: "N|none",
+                        none_or_str: "NAME|none"}
             kw["metavar"] = metavars.get(kw.get("type"), "NAME")
         group.add_argument("--" + dest.replace("_", "-"), dest=dest, default=argparse.SUPPRESS,
                            help=f"{help} (default: {shown})", **kw)

@@ -69,7 +69,7 @@ def score(model, task, solve, batch: Batch, max_iter: int) -> np.ndarray:
     return np.concatenate(out)
 
 
-def rows_by(label: str, source: str, right: np.ndarray, givens: np.ndarray, buckets: np.ndarray) -> list[dict]:
+def rows_by(source: str, right: np.ndarray, givens: np.ndarray, buckets: np.ndarray) -> list[dict]:
     rows = []
     for b in sorted(set(buckets.tolist())):
         for lo, hi in ((17, 23), (24, 28), (29, 33), (34, 40), (41, 81)):
@@ -96,7 +96,7 @@ def main() -> None:
         batch = test_set(task, b, min(args.n, 256 if b == 3 else 512))
         right = score(model, task, solve, batch, budget(b))
         givens = (batch.inputs > 0).sum(1).numpy()
-        rows += rows_by("ours", "ours", right, givens, np.full(len(batch), b))
+        rows += rows_by("ours", right, givens, np.full(len(batch), b))
     others = {"alt": alt_pool(args.n, (24, 40), seed=12345), "dokusan": dokusan_pool(args.n, seed=777)}
     for name, pool in others.items():
         if pool is None or not len(pool["puzzles"]):
@@ -109,7 +109,7 @@ def main() -> None:
             sel = np.flatnonzero(buckets == b)
             sub = Batch(batch.inputs[sel], batch.targets[sel], batch.difficulty[sel])
             right[sel] = score(model, task, solve, sub, budget(b))
-        rows += rows_by(name, name, right, (pool["puzzles"] > 0).sum(1), buckets)
+        rows += rows_by(name, right, (pool["puzzles"] > 0).sum(1), buckets)
     print(f"{args.checkpoint} (step {ckpt['step']}), {time.time() - t0:.0f} s")
     print(f"{'source':8} {'bucket':>6} {'givens':>7} {'n':>5} {'exact':>7}")
     for r in rows:

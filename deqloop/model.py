@@ -297,14 +297,16 @@ class LoopedTransformer(nn.Module):
             drawn = int(torch.randint(0, detach + 1, (1,), generator=generator))
             steps, detach = steps - detach + drawn, drawn
         every = solve.loss_every if grad == "unroll" else 0
-        on_iterate = (lambda i, z: along.append(self.head_logits(z)) if i % every == 0 and i < steps else None) \
-            if every else None
+
+        def score_along(i: int, z: Tensor) -> None:  # every k-th iterate before the last (that one is `logits`)
+            if i % every == 0 and i < steps:
+                along.append(self.head_logits(z))
         with torch.set_grad_enabled(torch.is_grad_enabled() and not (progressive and solve.progressive_alpha == 1)):
             z, result = fixed_point(
                 self.cell(x), z0, solver=solve.solver, solver_options=options, grad=grad,
                 b_solver=solve.b_solver, b_solver_options={"max_iter": solve.b_max_iter, "tol": solve.b_tol},
                 phantom_steps=solve.phantom_steps, unroll_steps=steps,
-                unroll_detach=detach, on_iterate=on_iterate,
+                unroll_detach=detach, on_iterate=score_along if every else None,
             )
             logits = self.head_logits(z)
         extra = torch.stack(along) if along else None
