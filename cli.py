@@ -32,7 +32,7 @@ from deqloop.diagnose import print_table as print_diagnose
 from deqloop.evaluate import EVAL_N, evaluate_checkpoint, plot, print_table, write_json
 from deqloop.model import BACKWARDS, NORMS, RECALLS, RELATIONS, Z0S, ModelConfig, SolveConfig, task_configs
 from deqloop.train import RUN_CONTROL, ConfigError, Interrupted, TrainConfig, resolve_device, train
-from tasks import TaskInputError, get_task
+from tasks import TASKS, TaskInputError, get_task
 
 EXIT_USAGE = 2
 
@@ -144,9 +144,11 @@ def add_train(p: argparse.ArgumentParser) -> None:
         group.add_argument("--" + dest.replace("_", "-"), dest=dest, default=argparse.SUPPRESS,
                            help=f"{help} (default: {shown})", **kw)
 
-    p.epilog = ("Model and solver flags not given take the task's model_defaults and solve_defaults "
-                "where it sets them, else the defaults shown.")
+    p.epilog = ("Flags not given take the task's recipe where it sets them (model_defaults, solve_defaults, "
+                "train_defaults, with --preset over them), else the defaults shown. Recipes: "
+                + "; ".join(f"{name}: {recipe_text(cls)}" for name, cls in TASKS.items()) + ".")
     p.add_argument("--task", required=True, help="task name (see tasks.TASKS)")
+    p.add_argument("--preset", metavar="NAME", help="a named recipe of the task over its defaults (sudoku: long)")
     p.add_argument("--resume", action="store_true",
                    help="continue from <out-dir>/checkpoint.pt with its settings; only "
                         + ", ".join("--" + f.replace("_", "-") for f in RUN_CONTROL) + " may be given anew")
@@ -205,10 +207,22 @@ def train_configs(args) -> tuple[TrainConfig, ModelConfig, SolveConfig]:
     for dest, (kind, name) in TRAIN_FLAGS.items():
         if hasattr(args, dest):
             given[kind][name] = getattr(args, dest)
-    if args.resume:
-        return resumed_configs(args.task, given)
-    model_cfg, solve_cfg = task_configs(task, given["model"], given["solve"])
-    return TrainConfig(task=args.task, **given["train"]), model_cfg, solve_cfg
+    preset = getattr(args, "preset", None)
+    recipe = task.recipe(preset)
+    if args.resume:  # a repeated --preset must agree with the checkpoint, like a repeated flag
+        over = task.presets.get(preset, {}) if preset else {}
+        return resumed_configs(args.task, {kind: {**over.get(kind, {}), **values} for kind, values in given.items()})
+    model_cfg, solve_cfg = task_configs(task, given["model"], given["solve"], preset)
+    return TrainConfig(task=args.task, **{**recipe["train"], **given["train"]}), model_cfg, solve_cfg
+
+
+def recipe_text(task) -> str:
+    """The task's training-recipe fields in one line, for --help."""
+    recipe = task.recipe()
+    text = ", ".join(f"{k}={v}" for kind in ("model", "solve", "train") for k, v in recipe[kind].items())
+    if task.presets:
+        text += " (presets: " + ", ".join(task.presets) + ")"
+    return text
 
 
 def resumed_configs(task: str, given: dict) -> tuple[TrainConfig, ModelConfig, SolveConfig]:
@@ -269,12 +283,23 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
 
 
+def check_outputs(files=(), dirs=()) -> None:
+    """Fail before the work, not after it: each of `files` must be writable as a file, each of
+    `dirs` usable as a directory (created later if missing)."""
+    for path, want_dir in [(Path(f), False) for f in files] + [(Path(d), True) for d in dirs]:
+        if not path.parent.is_dir():
+            raise UsageError(f"cannot write {path}: directory {path.parent} does not exist")
+        if path.exists() and path.is_dir() != want_dir:
+            raise UsageError(f"cannot write {path}: it is {'a file' if want_dir else 'a directory'}, "
+                             f"not {'a directory' if want_dir else 'a file'}")
+        if not os.access(path if path.exists() else path.parent, os.W_OK):
+            raise UsageError(f"cannot write {path}: permission denied")
+
+
 def run_eval(args) -> int:
     json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "eval.json"
     plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).parent / "eval.png"
-    for path in (json_path, plot_path):  # fail before the work, not after
-        if not path.parent.is_dir():
-            raise UsageError(f"cannot write {path}: directory {path.parent} does not exist")
+    check_outputs(files=(json_path, plot_path))
     device = device_arg(args.device)
     with Console(stderr=True).status("evaluating") as status:
         report = evaluate_checkpoint(
@@ -346,7 +371,7 @@ def add_diagnose(p: argparse.ArgumentParser) -> None:
                    help="seeded random starts per input besides the model's z0 (default: %(default)s)")
     p.add_argument("--n-geometry", type=positive_int, default=default(DiagnoseSettings, "n_geometry"), metavar="N",
                    help="inputs per difficulty for sensitivity and geometry, the costly part (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=default(DiagnoseSettings, "seed"),
+    p.add_argument("--seed", type=non_negative_int, default=default(DiagnoseSettings, "seed"), metavar="N",
                    help="seed of the random starts and directions (default: %(default)s)")
     p.add_argument("--cluster-tol", type=positive_float, default=default(DiagnoseSettings, "cluster_tol"),
                    metavar="X", help="fixed points closer than X times their median norm are one "
@@ -362,10 +387,7 @@ def add_diagnose(p: argparse.ArgumentParser) -> None:
 def run_diagnose(args) -> int:
     json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "diagnose.json"
     plot_dir = Path(args.plots) if args.plots else Path(args.checkpoint).parent
-    for parent in (json_path.parent, plot_dir.parent):  # fail before the work, not after
-        if not parent.is_dir():
-            raise UsageError(f"cannot write {json_path if parent == json_path.parent else plot_dir}: "
-                             f"directory {parent} does not exist")
+    check_outputs(files=(json_path,), dirs=(plot_dir,))
     try:
         settings = DiagnoseSettings(n_inputs=args.n_inputs, n_starts=args.n_starts, n_geometry=args.n_geometry,
                                     seed=args.seed, cluster_tol=args.cluster_tol)
@@ -492,6 +514,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 128 + signal.SIGINT
+    except OSError as e:  # the machine's side: disk full, permissions, a directory where a file goes
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or one_line(e)}{where}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

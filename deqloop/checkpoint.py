@@ -42,6 +42,10 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     (TrainConfig.to_dict()), so this module does not depend on the training loop.
     """
     path = Path(path)
+    bad = [k for k, v in model.state_dict().items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:  # a poisoned step must never replace the last good checkpoint
+        raise FloatingPointError(f"not saving {path}: {len(bad)} model tensors hold nan or inf "
+                                 f"({', '.join(bad[:3])}{', ...' if len(bad) > 3 else ''})")
     state = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -59,6 +63,7 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
         "metrics": list(metrics),
     }
     # Same directory, so os.replace is a rename on one filesystem (atomic on POSIX).
+    remove_stale_temps(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as fh:
@@ -70,6 +75,26 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def remove_stale_temps(path: str | Path) -> None:
+    """Delete the `.{name}.tmp-PID` files of `path` left by processes that no longer run (a save
+    killed with -9); those of live processes are theirs to finish."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -107,6 +132,18 @@ def load_checkpoint(path: str | Path) -> dict:
     missing = [k for k in KEYS if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path}: incomplete, missing {', '.join(missing)}")
+    kinds = {"model": dict, "model_config": dict, "solve_config": dict, "train_config": dict, "task": str,
+             "step": int, "world_size": int, "metrics": list}
+    wrong = [f"{k} is a {type(ckpt[k]).__name__}, not a {kind.__name__}" for k, kind in kinds.items()
+             if k in ckpt and (not isinstance(ckpt[k], kind) or isinstance(ckpt[k], bool))]
+    if ckpt.get("optimizer") is not None and not isinstance(ckpt["optimizer"], dict):
+        wrong.append(f"optimizer is a {type(ckpt['optimizer']).__name__}, not a dict")
+    if isinstance(ckpt.get("model"), dict) and not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
+        wrong.append("model holds entries that are not tensors")
+    if isinstance(ckpt.get("step"), int) and ckpt["step"] < 0:
+        wrong.append(f"step is {ckpt['step']}")
+    if wrong:
+        raise CheckpointError(f"checkpoint {path}: damaged ({'; '.join(wrong)})")
     ckpt["path"] = str(path)
     return ckpt
 
@@ -148,8 +185,9 @@ def _first_line(e: BaseException, limit: int = 300) -> str:
 
 def _load_problem(e: BaseException) -> str:
     """What torch.load objected to, without its multi-paragraph advice."""
-    m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+    m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e)) or re.search(r"unsupported GLOBAL (\S+)", str(e))
     if m:
-        return f"holds a pickled {m.group(1)} object; only tensors and plain containers are allowed"
+        return (f"holds a pickled {m.group(1)} object, refused without running it; only tensors and plain "
+                "containers are allowed")
     m = re.search(r"WeightsUnpickler error:\s*(.+)", str(e))
     return f"{type(e).__name__}: {m.group(1).strip()}" if m else _first_line(e, 160)

@@ -155,8 +155,11 @@ def write_json(report: dict, path: str | Path) -> None:
     clean = json.loads(json.dumps(report), parse_constant=lambda _: None)
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
+        os.replace(tmp, path)
+    finally:  # a full disk leaves no empty temp file behind
+        tmp.unlink(missing_ok=True)
 
 
 def plot(report: dict, path: str | Path) -> None:

@@ -246,6 +246,7 @@ class LoopedTransformer(nn.Module):
         self.block = LoopBlock(cfg)
         self.ln_head = nn.LayerNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, cfg.n_classes)
+        self.backward_result = None  # SolverResult of the last IFT adjoint solve (backward="ift")
 
     def embed_input(self, tokens: Tensor) -> Tensor:  # (B, T) -> (B, T, d)
         x = self.embed(tokens)
@@ -284,6 +285,7 @@ class LoopedTransformer(nn.Module):
         """
         x = self.embed_input(tokens)
         z0 = self.z_init(x)
+        self.backward_result = None  # this forward's adjoint solve, recorded by loss.backward()
         options = solve.forward_options(max_iter, tol)
         progressive = solve.backward == "progressive" and torch.is_grad_enabled()
         # Deep thinking's full-depth term backpropagates through the whole unrolled loop; with
@@ -307,12 +309,16 @@ class LoopedTransformer(nn.Module):
                 b_solver=solve.b_solver, b_solver_options={"max_iter": solve.b_max_iter, "tol": solve.b_tol},
                 phantom_steps=solve.phantom_steps, unroll_steps=steps,
                 unroll_detach=detach, on_iterate=score_along if every else None,
+                on_backward=self._record_backward if grad == "ift" else None,
             )
             logits = self.head_logits(z)
         extra = torch.stack(along) if along else None
         if progressive:
             extra = self.progressive_logits(x, z0, steps, solve.phantom_steps, generator)
         return logits, result, extra
+
+    def _record_backward(self, result) -> None:
+        self.backward_result = result
 
     def progressive_logits(self, x: Tensor, z0: Tensor, max_iter: int, k: int,
                            generator: torch.Generator | None) -> Tensor:
@@ -330,12 +336,14 @@ class LoopedTransformer(nn.Module):
         return self.head_logits(z)
 
 
-def task_configs(task, model: dict | None = None, solve: dict | None = None) -> tuple[ModelConfig, SolveConfig]:
-    """The configs of a model for `task` (a tasks.Task): the given fields, else the task's
-    model_defaults / solve_defaults, else the dataclass defaults."""
+def task_configs(task, model: dict | None = None, solve: dict | None = None,
+                 preset: str | None = None) -> tuple[ModelConfig, SolveConfig]:
+    """The configs of a model for `task` (a tasks.Task): the given fields, else the task's `preset`
+    (Task.presets), else its model_defaults / solve_defaults, else the dataclass defaults."""
+    recipe = task.recipe(preset)
     model_cfg = ModelConfig(vocab_size=task.vocab_size, n_classes=task.n_classes,
-                            **{**task.model_defaults, **(model or {})})
-    return model_cfg, SolveConfig(**{**task.solve_defaults, **(solve or {})})
+                            **{**recipe["model"], **(model or {})})
+    return model_cfg, SolveConfig(**{**recipe["solve"], **(solve or {})})
 
 
 def build_model(cfg: ModelConfig, seed: int) -> LoopedTransformer:

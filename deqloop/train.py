@@ -14,12 +14,14 @@ each process draws batch_size / world_size examples; only rank 0 logs, evaluates
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import json
 import math
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, replace
@@ -37,6 +39,7 @@ from torch.nn.parallel import DistributedDataParallel
 from deqloop.checkpoint import CheckpointError, configs, load_checkpoint, save_checkpoint
 from deqloop.evaluate import eval_max_iter, evaluate, test_set
 from deqloop.model import ModelConfig, SolveConfig, build_model
+from solvers.result import Status
 from tasks import Task, get_task
 
 # Seed word of the progressive loss's random depth, in the place where the data stream has the
@@ -75,7 +78,7 @@ class TrainConfig:
         for name in ("steps", "batch_size", "eval_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay"):
+        for name in ("seed", "warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -189,7 +192,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
     if distributed:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     master = rank == 0
-    progress, restore_signals = None, None
+    progress, restore_signals, lock = None, None, None
     try:
         # ---------------------------------------------------------------- task and data streams
         task = get_task(cfg.task)
@@ -214,6 +217,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
             lr=cfg.lr, betas=(0.9, 0.999))
         step, metrics = 0, []
+        if master:  # one training per directory: the second is refused before it writes anything
+            out_dir.mkdir(parents=True, exist_ok=True)
+            lock = _lock_dir(out_dir)
         if resume:
             ckpt = load_checkpoint(ckpt_path)
             check_resumable(ckpt, cfg, model_cfg, solve_cfg)
@@ -231,7 +237,6 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
         elif ckpt_path.exists():
             raise FileExistsError(f"{ckpt_path} exists; resume it (--resume) or choose another --out-dir")
         if master:
-            out_dir.mkdir(parents=True, exist_ok=True)
             # metrics.jsonl restarts from the checkpoint's rows: rows a killed run wrote after its
             # last checkpoint are dropped, since those steps are repeated.
             _write_rows(metrics_path, metrics)
@@ -258,9 +263,10 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
                     shutil.copyfile(ckpt_path, kept)
 
         def log(row: dict) -> None:
+            row = strict_json(row)
             metrics.append(row)
             with open(metrics_path, "a") as fh:
-                fh.write(json.dumps(row) + "\n")
+                fh.write(json.dumps(row, allow_nan=False) + "\n")
             if not progress.console.is_terminal:  # no live bar in a log file: one line per row
                 progress.console.print(json.dumps(row), soft_wrap=True)
 
@@ -275,6 +281,12 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
             bar = progress.add_task(cfg.task, total=cfg.steps, completed=step, info="")
             progress.start()
         t_start = time.time()
+        adjoint_failures = 0
+
+        def warn(message: str) -> None:
+            if master:
+                (progress.console.print if progress.console.is_terminal else print)(
+                    f"warning: {message}", **({} if progress.console.is_terminal else {"file": sys.stderr}))
 
         # ---------------------------------------------------------------- the loop
         model.train()
@@ -291,8 +303,17 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip or math.inf)
+            if not math.isfinite(float(grad_norm)):  # the same on every process: DDP averaged the gradients
+                raise FloatingPointError(f"the gradient norm is {float(grad_norm)} at step {step + 1}; the update "
+                                         f"was not applied, and the last saved step is in {ckpt_path}, if any")
             optimizer.step()
             step += 1
+            adjoint = raw_model.backward_result  # backward="ift": the adjoint solve of this step
+            if adjoint is not None and adjoint.status is not Status.CONVERGED:
+                adjoint_failures += 1
+                if adjoint_failures == 1:
+                    warn(f"step {step}: the IFT adjoint solve failed ({adjoint.message}); the gradient is "
+                         "approximate (raise --b-max-iter, or try --b-solver anderson); counted in metrics.jsonl")
 
             # Statistics of this step, averaged (worst residual: max) over processes.
             with torch.no_grad():
@@ -313,9 +334,14 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
 
             if master:
                 if step % cfg.log_every == 0 or step == cfg.steps:
-                    log({"kind": "train", "step": step, "loss": loss_v, "acc": acc_v, "lr": lr,
-                         "grad_norm": float(grad_norm), "solver_steps": steps_v, "converged": conv_v,
-                         "max_residual": residual_v, "time": round(time.time() - t_start, 3)})
+                    row = {"kind": "train", "step": step, "loss": loss_v, "acc": acc_v, "lr": lr,
+                           "grad_norm": float(grad_norm), "solver_steps": steps_v, "converged": conv_v,
+                           "max_residual": residual_v, "time": round(time.time() - t_start, 3)}
+                    if adjoint is not None:
+                        row.update(b_steps=float(adjoint.n_steps.float().mean()),
+                                   b_converged=float(adjoint.converged.float().mean()),
+                                   b_max_residual=float(adjoint.residual.max()), b_failures=adjoint_failures)
+                    log(row)
                 progress.update(bar, completed=step, info=f"loss {loss_v:.4f}  acc {acc_v:.3f}  "
                                 f"steps {steps_v:.1f}  res {residual_v:.2g}")
                 if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -336,10 +362,18 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
                 signum = stop_signal[0] if stop_signal else signal.SIGTERM
                 raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {step}; "
                                   f"{ckpt_path} holds it (continue with --resume)", signum)
+        if master:
+            losses = [r["loss"] for r in metrics if r.get("kind") == "train" and r.get("loss") is not None]
+            tail = losses[-max(1, len(losses) // 4):]  # the last quarter of the logged steps
+            if len(losses) >= 8 and sum(tail) / len(tail) > 1.25 * losses[0]:  # noise aside: clearly above
+                warn(f"the training loss rose from {losses[0]:.4g} (first logged step) to {sum(tail) / len(tail):.4g} "
+                     "(mean of the last quarter): the run diverged; try a lower --lr")
         if distributed:
             dist.barrier()  # every rank leaves together: none tears down gloo while another still uses it
         return ckpt_path
     finally:
+        if lock is not None:
+            lock.close()  # releases the flock
         if progress is not None:
             progress.stop()
         if restore_signals is not None:
@@ -352,11 +386,41 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
             dist.destroy_process_group()
 
 
+def strict_json(value):
+    """`value` with every non-finite float as None, so metrics.jsonl is strict JSON (no NaN, Infinity)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
 def _write_rows(path: Path, rows: list[dict]) -> None:
     """Replace `path` by `rows` as JSON lines, atomically."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.write_text("".join(json.dumps(strict_json(r), allow_nan=False) + "\n" for r in rows))
     os.replace(tmp, path)
+
+
+def _lock_dir(out_dir: Path):
+    """An exclusive lock on out_dir/.train.lock, held while the returned file stays open (the kernel
+    drops it when the process dies, kill -9 included); FileExistsError if another process holds it."""
+    fh = open(out_dir / ".train.lock", "a+")
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "?"
+        fh.close()
+        raise FileExistsError(f"{out_dir} is in use by another training (pid {holder}); wait for it, or choose "
+                              "another --out-dir") from None
+    fh.seek(0)
+    fh.truncate()
+    fh.write(f"{os.getpid()}\n")
+    fh.flush()
+    return fh
 
 
 def _catch_signals(stop_signal: list) -> Callable[[], None]:

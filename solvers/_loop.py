@@ -25,6 +25,8 @@ def check_common(z0: Tensor, tol: float, max_iter: int, stop_mode: str, divergen
         raise TypeError(f"z0 must be a torch.Tensor, got {type(z0).__name__}")
     if z0.dim() < 1:
         raise ValueError("z0 must have a leading batch dimension, got a 0-d tensor")
+    if z0.shape[0] == 0 or z0.numel() == 0:
+        raise ValueError(f"z0 must hold at least one sample with at least one element, got shape {tuple(z0.shape)}")
     if not z0.is_floating_point():
         raise TypeError(f"z0 must be a floating-point tensor, got {z0.dtype}")
     if stop_mode not in STOP_MODES:
@@ -94,17 +96,28 @@ class Loop:
         """f(z) and g = f(z) - z on the active rows z (n, D); scores z, marks rows that must stop."""
         n = z.shape[0]
         if self.subbatch:
-            fz = self.f(z.reshape(n, *self.shape[1:]), self.active).reshape(n, -1)
+            fz = self._checked(self.f(z.reshape(n, *self.shape[1:]), self.active), (n, *self.shape[1:]))
+            fz = fz.reshape(n, -1)
         elif n == self.shape[0]:
-            fz = self.f(z.reshape(self.shape)).reshape(n, -1)
+            fz = self._checked(self.f(z.reshape(self.shape)), self.shape).reshape(n, -1)
         else:
             self._full[self.active] = z
-            fz = self.f(self._full.reshape(self.shape)).reshape(self.shape[0], -1)[self.active]
+            fz = self._checked(self.f(self._full.reshape(self.shape)), self.shape)
+            fz = fz.reshape(self.shape[0], -1)[self.active]
         self.n_f_evals += 1
         self.n_f_rows += n if self.subbatch else self.shape[0]
         g = fz - z
         self._score(z, fz, g)
         return fz, g
+
+    def _checked(self, fz, shape) -> Tensor:
+        """f's output, which must be a tensor of z's shape (a fixed point maps a space to itself)."""
+        if not isinstance(fz, Tensor):
+            raise TypeError(f"{self.solver}: f must return a torch.Tensor, got {type(fz).__name__}")
+        if fz.shape != shape:
+            raise ValueError(f"{self.solver}: f maps a {tuple(shape)} input to shape {tuple(fz.shape)}; "
+                             "a fixed-point map must return its input's shape")
+        return fz
 
     def _score(self, z: Tensor, fz: Tensor, g: Tensor) -> None:
         full = z.shape[0] == self.shape[0]  # every sample active: plain tensor ops, no indexing

@@ -43,6 +43,20 @@ class Task(ABC):
     test_difficulties: tuple[int, ...]  # default harder split (includes the training difficulty)
     model_defaults: dict = {}  # ModelConfig fields this task needs (window, causal, n_positions)
     solve_defaults: dict = {}  # SolveConfig fields of the task's training recipe (backward, max_iter)
+    train_defaults: dict = {}  # TrainConfig fields of the task's training recipe (steps, lr)
+    # Named recipes over the defaults: {name: {"model": {..}, "solve": {..}, "train": {..}}}
+    # (`cli.py train --preset NAME`; explicit flags still win).
+    presets: dict = {}
+
+    @classmethod
+    def recipe(cls, preset: str | None = None) -> dict[str, dict]:
+        """{"model", "solve", "train"}: the fields of the task's defaults with `preset` over them."""
+        if preset is not None and preset not in cls.presets:
+            names = ", ".join(cls.presets) or "none"
+            raise TaskInputError(f"{cls.name} has no preset {preset!r} (presets: {names})")
+        over = cls.presets.get(preset, {}) if preset is not None else {}
+        return {kind: {**base, **over.get(kind, {})} for kind, base in
+                (("model", cls.model_defaults), ("solve", cls.solve_defaults), ("train", cls.train_defaults))}
 
     def eval_max_iter(self, difficulty: int) -> int:
         """Iteration budget the loop needs at `difficulty`; harder examples need more."""

@@ -80,6 +80,26 @@ def test_explicit_flags_win():
     assert parse_train("--task", "prefix_sums", "--window", "none")[1].window is None
 
 
+def test_task_recipe_and_preset_then_flags():
+    # The task's train_defaults fill what no flag gives; --preset goes over them; a flag wins over both.
+    task = get_task("sudoku")
+    cfg, model_cfg, solve_cfg = parse_train("--task", "sudoku")
+    assert (cfg.steps, cfg.lr) == (task.train_defaults["steps"], task.train_defaults["lr"])
+    assert (model_cfg.relations, solve_cfg.loss_every) == ("sudoku_peers", 1)
+    long = task.presets["long"]["train"]
+    cfg = parse_train("--task", "sudoku", "--preset", "long")[0]
+    assert (cfg.steps, cfg.train_difficulties, cfg.lr) == (long["steps"], long["train_difficulties"], 2e-3)
+    cfg = parse_train("--task", "sudoku", "--preset", "long", "--steps", "9", "--lr", "1e-4")[0]
+    assert (cfg.steps, cfg.train_difficulties, cfg.lr) == (9, long["train_difficulties"], 1e-4)
+
+
+def test_unknown_preset_is_one_line(capsys, tmp_path):
+    code, _, err = run(capsys, "train", "--task", "sudoku", "--preset", "short", "--out-dir", tmp_path)
+    assert_usage_error(code, err, "no preset 'short'", "long")
+    code, _, err = run(capsys, "train", "--task", "prefix_sums", "--preset", "long", "--out-dir", tmp_path)
+    assert_usage_error(code, err, "no preset 'long'", "none")
+
+
 def test_train_writes_checkpoint_and_metrics(ckpt):
     saved = load_checkpoint(ckpt)
     assert saved["step"] == 2 and saved["model_config"]["d_model"] == 16

@@ -147,7 +147,7 @@ def test_diagnose_bad_inputs(capsys, ckpt, tmp_path):
     assert_usage_error(*run(capsys, "diagnose", ckpt, "--n-inputs", "1")[::2], "n_inputs must be >= 2")
     assert_usage_error(*run(capsys, "diagnose", ckpt, "--n-starts", "-1")[::2], "integer >= 0")
     assert_usage_error(*run(capsys, "diagnose", ckpt, "--difficulty", "-1")[::2], "integers >= 0")
-    assert_usage_error(*run(capsys, "diagnose", ckpt, "--difficulty", "0")[::2], "string length >= 1")
+    assert_usage_error(*run(capsys, "diagnose", ckpt, "--difficulty", "0")[::2], "string length in 1..4096")
     assert_usage_error(*run(capsys, "diagnose", ckpt, "--cluster-tol", "nan")[::2], "positive number")
     assert_usage_error(*run(capsys, "diagnose", ckpt, "--json", tmp_path / "no" / "d.json")[::2], "does not exist")
     assert_usage_error(*run(capsys, "diagnose", ckpt, "--plots", tmp_path / "no" / "dir")[::2], "does not exist")
