@@ -14,6 +14,7 @@ import os
 import re
 import warnings
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -97,11 +98,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def load_checkpoint(path: str | Path) -> dict:
-    """The checkpoint at `path` as a plain dict, checked; raises `CheckpointError` naming the problem."""
+# Trained checkpoints shipped with the package (deqloop/models/<name>/checkpoint.pt, in the
+# wheel too): `cli.py solve sudoku ...` takes the name where no file of that name exists.
+MODELS = Path(__file__).resolve().parent / "models"
+
+
+def shipped_models() -> list[str]:
+    return sorted(p.parent.name for p in MODELS.glob("*/checkpoint.pt"))
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """`path`, or the shipped model of that name when no such file exists."""
     path = Path(path)
+    if not path.exists() and len(path.parts) == 1 and (MODELS / path.name / "checkpoint.pt").is_file():
+        return MODELS / path.name / "checkpoint.pt"
+    return path
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """The checkpoint at `path` (or the shipped model named `path`, see resolve_checkpoint) as a
+    plain dict, checked; raises `CheckpointError` naming the problem."""
+    path = resolve_checkpoint(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path}: no such file")
+        names = ", ".join(shipped_models()) or "none"
+        raise CheckpointError(f"checkpoint {path}: no such file (shipped models, usable by name: {names})")
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: not a file")
     try:
@@ -140,6 +160,8 @@ def load_checkpoint(path: str | Path) -> dict:
         wrong.append(f"optimizer is a {type(ckpt['optimizer']).__name__}, not a dict")
     if isinstance(ckpt.get("model"), dict) and not all(isinstance(v, torch.Tensor) for v in ckpt["model"].values()):
         wrong.append("model holds entries that are not tensors")
+    if isinstance(ckpt.get("metrics"), list) and not all(isinstance(r, dict) for r in ckpt["metrics"]):
+        wrong.append("metrics holds rows that are not dicts")
     if isinstance(ckpt.get("step"), int) and ckpt["step"] < 0:
         wrong.append(f"step is {ckpt['step']}")
     if wrong:
@@ -156,6 +178,16 @@ def configs(ckpt: dict) -> tuple[ModelConfig, SolveConfig]:
         raise CheckpointError(f"checkpoint {ckpt.get('path')}: its configs do not fit this deqloop "
                               f"{deqloop.__version__} (saved by {ckpt.get('deqloop_version')}): "
                               f"{_first_line(e)}") from None
+
+
+def with_solver(solve: SolveConfig, solver: str | None = None, options: dict | None = None) -> SolveConfig:
+    """`solve` with another forward solver and / or solver options (None: the checkpoint's). The
+    options replace the stored ones when the solver changes, else go over them. ValueError or
+    TypeError (naming the valid choices) on an unknown solver or option."""
+    if solver is None and not options:
+        return solve
+    base = {} if solver not in (None, solve.solver) else dict(solve.solver_options or {})
+    return replace(solve, solver=solver or solve.solver, solver_options={**base, **(options or {})} or None)
 
 
 def load_model(ckpt: dict | str | Path, device: str | torch.device = "cpu") -> tuple[LoopedTransformer, Task]:

@@ -26,7 +26,7 @@ from rich.table import Table
 from torch import Tensor
 
 from deqloop import diagnostics as dx
-from deqloop.checkpoint import configs, load_checkpoint, load_model
+from deqloop.checkpoint import configs, load_checkpoint, load_model, with_solver
 from deqloop.evaluate import eval_max_iter, test_set, write_json
 
 __all__ = ["THRESHOLDS", "DiagnoseSettings", "diagnose_checkpoint", "plot", "print_table", "verdicts", "write_json"]
@@ -74,14 +74,17 @@ Progress = Callable[[str, int, int], None]  # (description, steps done, steps in
 
 
 def diagnose_checkpoint(path: str | Path, *, difficulties=None, settings: DiagnoseSettings = DiagnoseSettings(),
-                        device: str | torch.device = "cpu", progress: Progress | None = None) -> dict:
+                        device: str | torch.device = "cpu", progress: Progress | None = None,
+                        solver: str | None = None, solver_options: dict | None = None) -> dict:
     """Every diagnostic of a checkpoint per difficulty, as a plain dict (see `write_json`).
 
-    Default difficulties: the run's test difficulties. Raises CheckpointError on a bad file.
+    Default difficulties: the run's test difficulties; default forward solver: the run's (see
+    checkpoint.with_solver). Raises CheckpointError on a bad file.
     """
     ckpt = load_checkpoint(path)
     model, task = load_model(ckpt, device)
     model_cfg, solve = configs(ckpt)
+    solve = with_solver(solve, solver, solver_options)
     difficulties = list(difficulties or ckpt["train_config"].get("test_difficulties") or task.test_difficulties)
     # float64 copy for the linearization: in float32, IFT and finite differences disagree by ~3e-2.
     model64 = copy.deepcopy(model).double()

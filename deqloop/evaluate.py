@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from deqloop.checkpoint import configs, load_checkpoint, load_model
+from deqloop.checkpoint import configs, load_checkpoint, load_model, with_solver
 from deqloop.model import SolveConfig
 from tasks import Batch, Task
 
@@ -95,15 +95,17 @@ def default_iters(solve: SolveConfig, task: Task, difficulties) -> list[int]:
 
 
 def evaluate_checkpoint(path: str | Path, *, difficulties=None, iters=None, n: int | None = None,
-                        device: str | torch.device = "cpu", progress=None) -> dict:
+                        device: str | torch.device = "cpu", progress=None, solver: str | None = None,
+                        solver_options: dict | None = None) -> dict:
     """The accuracy grid (difficulty x max_iter) of a checkpoint, as a plain dict (see `write_json`).
 
-    Defaults: the run's test difficulties, `default_iters`, and EVAL_N examples per difficulty.
+    Defaults: the run's test difficulties, `default_iters`, EVAL_N examples per difficulty, and the
+    run's forward solver (`solver`, `solver_options`: another, see checkpoint.with_solver).
     `progress(difficulty, max_iter)` is called before each cell.
     """
     ckpt = load_checkpoint(path)
     model, task = load_model(ckpt, device)
-    _, solve = configs(ckpt)
+    solve = with_solver(configs(ckpt)[1], solver, solver_options)
     train_cfg = ckpt["train_config"]
     difficulties = list(difficulties or train_cfg.get("test_difficulties") or task.test_difficulties)
     iters = sorted(set(iters or default_iters(solve, task, difficulties)))
@@ -118,7 +120,8 @@ def evaluate_checkpoint(path: str | Path, *, difficulties=None, iters=None, n: i
                           **evaluate(model, task, solve, batch, max_iter=k, device=device)})
     return {
         "checkpoint": str(path), "task": ckpt["task"], "step": ckpt["step"],
-        "deqloop_version": ckpt["deqloop_version"], "solver": solve.solver, "tol": solve.tol,
+        "deqloop_version": ckpt["deqloop_version"], "solver": solve.solver,
+        "solver_options": solve.solver_options, "tol": solve.tol,
         "train_max_iter": solve.max_iter, "n": n, "difficulties": difficulties, "iters": iters,
         "eval_max_iter": {str(d): eval_max_iter(task, solve, d) for d in difficulties},
         "cells": cells,
@@ -182,6 +185,39 @@ def plot(report: dict, path: str | Path) -> None:
     ax.set_title(f"{report['task']} @ step {report['step']}")
     ax.legend(title="difficulty")
     ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_training(rows: list[dict], path: str | Path, title: str = "") -> None:
+    """Training loss (log axis) and periodic exact-match accuracy per test difficulty against the
+    step, from metrics.jsonl rows, as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [r for r in rows if r.get("kind") == "train" and r.get("loss") is not None]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
+    ax_loss.plot([r["step"] for r in train], [r["loss"] for r in train], lw=1)
+    ax_loss.set_yscale("log")
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss")
+    ax_loss.grid(True, alpha=0.3)
+    for d in (evals[-1]["acc"] if evals else {}):
+        pts = [(r["step"], r["acc"][d]) for r in evals if r["acc"].get(d) is not None]
+        ax_acc.plot(*zip(*pts), marker="o", label=f"{d} (budget {evals[-1].get('max_iter', {}).get(d, '?')})")
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("exact-match accuracy (test)")
+    ax_acc.set_ylim(-0.02, 1.02)
+    ax_acc.grid(True, alpha=0.3)
+    if evals:
+        ax_acc.legend(title="difficulty", fontsize=8)
+    else:
+        ax_acc.text(0.5, 0.5, "no periodic evaluation (--eval-every 0)", ha="center", transform=ax_acc.transAxes)
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

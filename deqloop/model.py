@@ -19,7 +19,10 @@ Positions, three ways:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+import numbers
+import types
+import typing
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +73,33 @@ RELATIONS = {
 }
 
 
+def check_field_types(cfg) -> None:
+    """TypeError naming the field when a config dataclass holds a value of the wrong kind (a
+    string where a number goes: a damaged checkpoint, a hand-edited config.json)."""
+    hints = typing.get_type_hints(type(cfg))
+    for f in fields(cfg):
+        value, want = getattr(cfg, f.name), hints[f.name]
+        options = typing.get_args(want) if isinstance(want, types.UnionType) else (want,)
+        if value is None and type(None) in options:
+            continue
+        for option in options:
+            kind = typing.get_origin(option) or option
+            if kind is bool:
+                ok = isinstance(value, bool)
+            elif kind is int:
+                ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+            elif kind is float:
+                ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, kind) if isinstance(kind, type) else True
+            if ok:
+                break
+        else:
+            names = " or ".join("None" if o is type(None) else getattr(typing.get_origin(o) or o, "__name__", str(o))
+                                for o in options)
+            raise TypeError(f"{f.name} must be {names}, got {value!r}")
+
+
 @dataclass
 class ModelConfig:
     vocab_size: int  # input token ids are in [0, vocab_size)
@@ -87,6 +117,7 @@ class ModelConfig:
     relations: str | None = None  # board-structured attention: a key of RELATIONS (needs window=None)
 
     def __post_init__(self):
+        check_field_types(self)
         for name, value, valid in (("recall", self.recall, RECALLS), ("norm", self.norm, NORMS),
                                    ("z0", self.z0, Z0S)):
             if value not in valid:
@@ -124,6 +155,7 @@ class SolveConfig:
     detach_random: bool = False  # unroll: draw the no-gradient prefix from 0..detach_iters at every step
 
     def __post_init__(self):
+        check_field_types(self)
         get_solver(self.solver)
         get_solver(self.b_solver)
         check_options(self.solver, self.forward_options())

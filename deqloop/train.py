@@ -38,7 +38,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from deqloop.checkpoint import CheckpointError, configs, load_checkpoint, save_checkpoint
 from deqloop.evaluate import eval_max_iter, evaluate, test_set
-from deqloop.model import ModelConfig, SolveConfig, build_model
+from deqloop.model import ModelConfig, SolveConfig, build_model, check_field_types
 from solvers.result import Status
 from tasks import Task, get_task
 
@@ -75,6 +75,7 @@ class TrainConfig:
                 setattr(self, name, tuple(int(d) for d in value))
                 if not value:
                     raise ValueError(f"{name} is empty")
+        check_field_types(self)
         for name in ("steps", "batch_size", "eval_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")

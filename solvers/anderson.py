@@ -24,6 +24,8 @@ def anderson(
     m: int = 5,
     beta: float = 1.0,
     reg: float = 1e-8,
+    block_size: int | None = None,
+    safeguard: float | None = None,
     subbatch: bool = False,
     divergence_ratio: float = 1e4,
 ) -> SolverResult:
@@ -35,6 +37,14 @@ def anderson(
     The ridge is relative, lam = reg * trace(dG^T dG), so it does not stall the tail when
     residuals get small; a least-squares system that is still singular falls back to the
     plain step for that sample instead of raising.
+
+    block_size: mix each block of that many consecutive elements of a sample with its own
+        coefficients (None: one set per sample). For a (B, T, d) sequence state, block_size=d
+        gives every position its own gamma, which suits local or causal cells, where positions
+        converge at different times and one set of coefficients for all of them fights that.
+    safeguard: reject a mixed step whose residual norm exceeds `safeguard` times the residual
+        at the iterate it started from: that sample forgets its history and takes the plain step
+        z + beta g from there (None: never reject). Costs the evaluation of the rejected point.
     """
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m must be an integer >= 1, got {m!r}")
@@ -42,6 +52,14 @@ def anderson(
         raise ValueError(f"beta must be > 0, got {beta!r}")
     if not reg >= 0:
         raise ValueError(f"reg must be >= 0, got {reg!r}")
+    if safeguard is not None and not (isinstance(safeguard, (int, float)) and safeguard > 0):
+        raise ValueError(f"safeguard must be a number > 0 or None, got {safeguard!r}")
+    per_sample = z0[0].numel() if isinstance(z0, Tensor) and z0.dim() >= 1 and z0.shape[0] else None
+    if block_size is not None:
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size!r}")
+        if per_sample is not None and per_sample % block_size:
+            raise ValueError(f"block_size={block_size} does not divide the {per_sample} elements of a sample")
     loop = Loop(f, z0, tol=tol, max_iter=max_iter, stop_mode=stop_mode, subbatch=subbatch,
                 divergence_ratio=divergence_ratio, solver="anderson")
     z = loop.z0
@@ -52,10 +70,13 @@ def anderson(
     if keep is not None:
         z, g = z[keep], g[keep]
     n, d = z.shape
-    dz = z.new_zeros(n, m, d)  # (n, m, D) ring buffer of z_{i+1} - z_i
-    dg = z.new_zeros(n, m, d)  # (n, m, D) ring buffer of g_{i+1} - g_i
-    gram = torch.zeros(n, m, m, dtype=torch.float64, device=z.device)  # dG dG^T
+    bs = d if block_size is None else block_size
+    nb = d // bs  # blocks per sample, each mixed with its own coefficients
+    dz = z.new_zeros(n, nb, m, bs)  # ring buffer of z_{i+1} - z_i, per block
+    dg = z.new_zeros(n, nb, m, bs)  # ring buffer of g_{i+1} - g_i, per block
+    gram = torch.zeros(n, nb, m, m, dtype=torch.float64, device=z.device)  # dG dG^T per block
     eye = torch.eye(m, dtype=torch.float64, device=z.device)
+    mixed = torch.zeros(n, dtype=torch.bool, device=z.device)  # z_next came from a mixed step
     z_next = z + beta * g
     k = 0
     while True:
@@ -65,22 +86,34 @@ def anderson(
             break
         if keep is not None:
             z, g, z_next, g_next = z[keep], g[keep], z_next[keep], g_next[keep]
-            dz, dg, gram = dz[keep], dg[keep], gram[keep]
+            dz, dg, gram, mixed = dz[keep], dg[keep], gram[keep], mixed[keep]
+        n = z.shape[0]
         slot = k % m
         k += 1
-        torch.sub(z_next, z, out=dz[:, slot])
-        torch.sub(g_next, g, out=dg[:, slot])
+        dz[:, :, slot] = (z_next - z).view(n, nb, bs)
+        dg[:, :, slot] = (g_next - g).view(n, nb, bs)
+        if safeguard is not None:
+            bad = mixed & (g_next.norm(dim=1) > safeguard * g.norm(dim=1))
+            if bool(bad.any()):  # back to z, history forgotten: the next step is the plain one
+                dz[bad], dg[bad], gram[bad] = 0, 0, 0
+                z_next = torch.where(bad[:, None], z, z_next)
+                g_next = torch.where(bad[:, None], g, g_next)
         z, g = z_next, g_next
-        row = torch.bmm(dg, dg[:, slot, :, None]).squeeze(2).double()  # (n, m)
-        gram[:, slot, :] = row
-        gram[:, :, slot] = row
-        rhs = torch.bmm(dg, g[:, :, None]).double()  # (n, m, 1)
-        trace = gram.diagonal(dim1=1, dim2=2).sum(1)  # (n,)
+        dgf, dzf = dg.view(n * nb, m, bs), dz.view(n * nb, m, bs)  # blocks as rows of one batched solve
+        gb = g.view(n * nb, bs)
+        row = torch.bmm(dgf, dgf[:, slot, :, None]).squeeze(2).double().view(n, nb, m)
+        gram[:, :, slot, :] = row
+        gram[:, :, :, slot] = row
+        gramf = gram.view(n * nb, m, m)
+        rhs = torch.bmm(dgf, gb[:, :, None]).double()  # (n nb, m, 1)
+        trace = gramf.diagonal(dim1=1, dim2=2).sum(1)  # (n nb,)
         lam = reg * trace + torch.finfo(torch.float64).tiny
-        chol, info = torch.linalg.cholesky_ex(gram + lam[:, None, None] * eye)
-        gamma = torch.cholesky_solve(rhs, chol)  # (n, m, 1)
+        chol, info = torch.linalg.cholesky_ex(gramf + lam[:, None, None] * eye)
+        gamma = torch.cholesky_solve(rhs, chol)  # (n nb, m, 1)
         ok = (info == 0) & torch.isfinite(gamma).all(dim=(1, 2))
         gamma = torch.where(ok[:, None, None], gamma, torch.zeros_like(gamma)).to(z.dtype)
-        gamma_t = gamma.transpose(1, 2)  # (n, 1, m): two thin products, no (n, m, D) temporary
-        z_next = z + beta * (g - torch.bmm(gamma_t, dg).squeeze(1)) - torch.bmm(gamma_t, dz).squeeze(1)
+        gamma_t = gamma.transpose(1, 2)  # (n nb, 1, m): two thin products, no (n, m, D) temporary
+        step = beta * (gb - torch.bmm(gamma_t, dgf).squeeze(1)) - torch.bmm(gamma_t, dzf).squeeze(1)
+        z_next = z + step.view(n, d)
+        mixed = (gamma.view(n, nb * m) != 0).any(dim=1)
     return loop.result()

@@ -17,7 +17,7 @@ Tokens (square index a1 = 0 .. h8 = 63 of the mirrored board):
 so castling rights and the en-passant square, everything legality depends on, are in the tokens
 (the move clocks are not: puzzles near the 75-move draw are not generated).
 
-Data: verified puzzles from tasks/chess_gen.py, shipped in data/chess/puzzles.npz (see that
+Data: verified puzzles from tasks/chess_gen.py, shipped in tasks/data/chess/puzzles.npz (see that
 module for the command and seed that regenerate it). Train and test puzzles come from different
 self-play games, at most one puzzle per game and N. Each puzzle also carries the second
 difficulty axis `depth` (plies a small alpha-beta search needs to rank the key first), readable
@@ -42,7 +42,7 @@ from torch import Tensor
 
 from .base import Batch, Task, TaskInputError
 
-DATA = Path(__file__).resolve().parents[1] / "data" / "chess" / "puzzles.npz"
+DATA = Path(__file__).resolve().parent / "data" / "chess" / "puzzles.npz"  # package data: in the wheel too
 EMPTY, CASTLING_ROOK, THEIR_CASTLING_ROOK, EN_PASSANT_PAWN = 0, 13, 14, 15
 VOCAB = 16
 FROM, TO = 1, 2  # class ids of targets and predictions: the move's squares; 0 elsewhere

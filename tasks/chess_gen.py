@@ -7,12 +7,12 @@ defender reply that escapes refutes the attacker's move, and at the attacker's l
 checking moves can mate). Candidate positions come from self-play games; each game gives at most
 one puzzle per N (positions of one game are near-duplicates) and belongs to one split.
 
-The shipped dataset, data/chess/puzzles.npz (190 kB), is exactly what this command writes: 14 min
+The shipped dataset, tasks/data/chess/puzzles.npz (190 kB, package data), is exactly what this command writes: 14 min
 of one core's CPU time when measured (393 s for the 5000 train games, 428 s for the 350 test games;
 `--workers 2` spreads the games over two processes, same output). Progress goes to stderr.
 
     OMP_NUM_THREADS=1 .venv/bin/python -m tasks.chess_gen --seed 0 --train-games 5000 --test-games 350 \
-        --out data/chess/puzzles.npz
+        --out tasks/data/chess/puzzles.npz
 
 It holds 3585 mate-in-1 and 3024 mate-in-2 train puzzles (5000 games), and 263 / 202 / 201
 test puzzles of mate in 1 / 2 / 3 (350 games); the npz's `meta` records the command and settings.
@@ -550,7 +550,8 @@ def main(argv: list[str] | None = None) -> int:
         if name != "version":
             p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
                            **({"choices": POLICIES} if name == "policy" else {}))
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "data" / "chess" / "puzzles.npz")
+    # the current directory, never the installed package (the shipped file: --out tasks/data/chess/puzzles.npz)
+    p.add_argument("--out", type=Path, default=Path("puzzles.npz"), help="output .npz (default: ./puzzles.npz)")
     p.add_argument("--log", type=Path, help="resume log (default: <cache dir>/chess_gen/<out name>.log.jsonl)")
     p.add_argument("--workers", type=int, default=1, help="processes (the output does not depend on it)")
     args = p.parse_args(argv)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+from deqloop import cli
 import tasks.chess_gen as gen
 from tasks import Batch, TaskInputError, get_task
 from tasks.chess import FROM, TO, decode_board, encode, move_of, oriented, squares, target_of
@@ -118,7 +118,7 @@ def test_search_budget_is_a_clean_skip():
 # ------------------------------------------------------------------------------- shipped dataset
 
 def shipped():
-    with np.load(ROOT / "data" / "chess" / "puzzles.npz") as data:
+    with np.load(ROOT / "tasks" / "data" / "chess" / "puzzles.npz") as data:
         return {k: data[k] for k in data.files}
 
 

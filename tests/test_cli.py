@@ -10,7 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-import cli  # the repo root is on pytest's pythonpath (pyproject.toml)
+from deqloop import cli
 from deqloop.checkpoint import load_checkpoint
 from deqloop.model import ModelConfig, SolveConfig
 from deqloop.train import TrainConfig
@@ -56,7 +56,7 @@ def ckpt(tmp_path_factory):
 
 
 def parse_train(*argv):
-    return cli.train_configs(cli.build_parser().parse_args(["train", *argv]))
+    return cli.train_configs(cli.build_parser().parse_args(["train", *map(str, argv)]))
 
 
 def test_defaults_are_the_dataclass_defaults():
@@ -224,3 +224,77 @@ def test_torchrun_two_processes(tmp_path):
     assert saved["step"] == 3 and saved["world_size"] == 2
     train_rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in train_rows if r["kind"] == "train"] == [1, 2, 3]  # rank 0 alone writes
+
+
+def test_eval_solve_diagnose_take_another_solver(capsys, ckpt, tmp_path):
+    code, out, err = run(capsys, "eval", ckpt, "--n", "4", "--iters", "10", "--solver", "anderson",
+                         "--solver-option", "m=3", "--solver-option", "beta=0.5", "--json", tmp_path / "e.json",
+                         "--plot", tmp_path / "e.png")
+    assert code == 0, err
+    report = json.loads((tmp_path / "e.json").read_text())
+    assert (report["solver"], report["solver_options"]) == ("anderson", {"m": 3, "beta": 0.5})
+    code, out, err = run(capsys, "solve", ckpt, "0110", "--solver", "broyden")
+    assert code == 0 and "broyden:" in out, out + err
+    code, out, err = run(capsys, "solve", ckpt, "0110", "--solver-option", "tau=0.5")  # the run's solver, damped
+    assert code == 0 and "fixed_point_iter:" in out, out + err
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["--solver", "nope"], ["unknown solver 'nope'", "anderson"]),
+    (["--solver", "anderson", "--solver-option", "mm=3"], ["no option 'mm'", "did you mean 'm'"]),
+    (["--solver-option", "m"], ["expected KEY=VALUE"]),
+])
+def test_a_bad_solver_override_is_one_line(capsys, ckpt, argv, words):
+    for command in (["solve", ckpt, "0110"], ["eval", ckpt], ["diagnose", ckpt]):
+        assert_usage_error(*run(capsys, *command, *argv)[::2], *words)
+
+
+def test_print_config_fed_back_with_config_is_the_same_run(capsys, tmp_path):
+    argv = ["train", "--task", "sudoku", "--preset", "long", "--d-model", "32", "--solver-option", "tau=0.5",
+            "--out-dir", tmp_path / "run"]
+    code, out, err = run(capsys, *argv, "--print-config")
+    assert code == 0, err
+    printed = json.loads(out)
+    assert printed["train"]["steps"] == get_task("sudoku").presets["long"]["train"]["steps"]
+    assert printed["model"]["d_model"] == 32 and printed["solve"]["solver_options"] == {"tau": 0.5}
+    (tmp_path / "c.json").write_text(out)
+    assert parse_train("--config", tmp_path / "c.json") == parse_train(*map(str, argv[1:]))
+    again = run(capsys, "train", "--config", tmp_path / "c.json", "--print-config")[1]
+    assert json.loads(again) == printed
+    # a flag still wins over the file
+    assert parse_train("--config", tmp_path / "c.json", "--lr", "0.01")[0].lr == 0.01
+
+
+def test_a_runs_config_json_is_accepted_back(ckpt):
+    cfg, model_cfg, solve_cfg = parse_train("--config", ckpt.parent / "config.json")
+    saved = load_checkpoint(ckpt)
+    assert cfg.to_dict() == TrainConfig.from_dict(saved["train_config"]).to_dict()
+    assert model_cfg.to_dict() == saved["model_config"] and solve_cfg.to_dict() == saved["solve_config"]
+
+
+@pytest.mark.parametrize("content, words", [
+    ("not json", "is not JSON"),
+    ('{"task": "prefix_sums", "model": {"width": 3}}', "unknown model fields width"),
+    ('{"train": {}}', "expected an object with a task"),
+    ('{"task": "prefix_sums", "extra": {}}', "unknown sections extra"),
+])
+def test_a_bad_config_file_is_one_line(capsys, tmp_path, content, words):
+    (tmp_path / "c.json").write_text(content)
+    code, _, err = run(capsys, "train", "--config", tmp_path / "c.json", "--out-dir", tmp_path / "run")
+    assert_usage_error(code, err, words)
+
+
+def test_config_and_task_must_agree(capsys, tmp_path, ckpt):
+    code, _, err = run(capsys, "train", "--task", "sudoku", "--config", ckpt.parent / "config.json",
+                       "--out-dir", tmp_path)
+    assert_usage_error(code, err, "differs", "prefix_sums")
+    assert_usage_error(*run(capsys, "train", "--out-dir", tmp_path)[::2], "--task")
+
+
+def test_a_finished_run_says_what_it_left_and_what_to_run_next(capsys, tmp_path):
+    code, out, err = run(capsys, "train", *TOY, "--steps", "2", "--eval-every", "2", "--out-dir", tmp_path)
+    assert code == 0, err
+    assert (tmp_path / "training.png").stat().st_size > 1000
+    for words in ("metrics.jsonl", "config.json", "training.png", "final step 2", "test accuracy (difficulty @ budget)",
+                  f"eval {tmp_path / 'checkpoint.pt'}", "diagnose", "solve"):
+        assert words in out, out

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-import cli  # the repo root is on pytest's pythonpath (pyproject.toml)
+from deqloop import cli
 from deqloop.checkpoint import save_checkpoint
 from deqloop.diagnose import THRESHOLDS, DiagnoseSettings, diagnose_checkpoint, verdicts, write_json
 from deqloop.model import NORMS, RECALLS, Z0S, ModelConfig, SolveConfig, build_model

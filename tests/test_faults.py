@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 import torch
 
-import cli
+from deqloop import cli
 from deqloop import checkpoint as ckpt_mod
 from deqloop.checkpoint import CheckpointError, load_checkpoint
 from deqloop.train import _lock_dir
@@ -208,6 +208,41 @@ def test_a_checkpoint_with_wrong_field_types_is_one_line(capsys, good, tmp_path,
     for argv in (["solve", path, "0101"], ["eval", path, "--n", "2"], ["diagnose", path, "--n-inputs", "2"]):
         code, _, err = run(capsys, *argv)
         assert code == 2 and words in one_line_error(err), err
+
+
+@pytest.mark.parametrize("section, field, value, words", [
+    ("train_config", "steps", "%s", "steps must be int, got '%s'"),
+    ("model_config", "d_model", "%s", "d_model must be int, got '%s'"),
+    ("solve_config", "max_iter", "%d", "max_iter must be int, got '%d'"),
+    ("metrics", None, [1, "x"], "rows that are not dicts"),
+])
+def test_garbage_inside_a_checkpoint_is_named(capsys, good, tmp_path, section, field, value, words):
+    state = torch.load(good, weights_only=True)
+    if field is None:
+        state[section] = value
+    else:
+        state[section] = {**state[section], field: value}
+    torch.save(state, tmp_path / "checkpoint.pt")
+    code, _, err = run(capsys, "train", *TOY, "--out-dir", tmp_path, "--resume")
+    assert code == 2 and words in one_line_error(err), err
+    if section != "train_config":  # solve does not read the training settings
+        code, _, err = run(capsys, "solve", tmp_path / "checkpoint.pt", "0101")
+        assert code == 2 and words in one_line_error(err), err
+
+
+def test_a_full_disk_while_writing_eval_json_is_one_line(capsys, good, tmp_path, monkeypatch):
+    from pathlib import Path as P
+
+    def full(self, *a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(P, "write_text", full)
+    code, _, err = run(capsys, "eval", good, "--n", "2", "--iters", "5", "--json", tmp_path / "e.json",
+                       "--plot", tmp_path / "e.png")
+    monkeypatch.undo()
+    line = one_line_error(err)
+    assert code == 2 and "No space left on device" in line and str(tmp_path / "e.json") in line, line
+    assert [p.name for p in tmp_path.iterdir()] == []  # no empty temp file
 
 
 def test_outputs_are_checked_before_the_work(capsys, good, tmp_path):

@@ -1,0 +1,667 @@
+"""deqloop's command line: train, eval, solve, diagnose, grid. The same program runs as
+`deqloop ...` (installed), `python -m deqloop ...` and `python cli.py ...` (from a checkout).
+
+    python cli.py train --task prefix_sums [--recall internal --norm outer ...] [--resume]
+    torchrun --nproc_per_node 2 cli.py train --task prefix_sums --device cpu
+    python cli.py eval runs/prefix_sums/checkpoint.pt [--iters 40,80,160] [--json out.json] [--plot out.png]
+    python cli.py solve runs/prefix_sums/checkpoint.pt 0110101
+    python cli.py diagnose runs/prefix_sums/checkpoint.pt [--difficulty 32,512] [--n-inputs 32] [--plots dir]
+    python cli.py grid prefix_sums [--jobs 2] [--seeds 0,1,2] [--report-only]
+
+A subcommand is one entry of COMMANDS: `add_<name>(parser)` declares its flags, `run_<name>(args)`
+does the work and returns the exit code. A bad input (unknown name, bad checkpoint, malformed
+INPUT, missing file) raises `UsageError` or `CheckpointError` and ends as one line `error: ...` on
+stderr with exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from dataclasses import MISSING, fields
+from pathlib import Path
+
+import torch
+from rich.console import Console
+
+from deqloop.checkpoint import CheckpointError, configs, load_checkpoint, load_model, with_solver
+from deqloop.diagnose import DiagnoseSettings, diagnose_checkpoint
+from deqloop.diagnose import plot as plot_diagnose
+from deqloop.diagnose import print_table as print_diagnose
+from deqloop.evaluate import EVAL_N, evaluate_checkpoint, plot, plot_training, print_table, write_json
+from deqloop.model import BACKWARDS, NORMS, RECALLS, RELATIONS, Z0S, ModelConfig, SolveConfig, task_configs
+from deqloop.train import RUN_CONTROL, ConfigError, Interrupted, TrainConfig, resolve_device, train
+from tasks import TASKS, TaskInputError, get_task
+
+EXIT_USAGE = 2
+
+
+class UsageError(Exception):
+    """A bad input from the user; printed as `error: <message>`, exit code 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but an error is one line on stderr (argparse prints the usage first)."""
+
+    def error(self, message):
+        self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _int_list(text: str, low: int, example: str) -> tuple[int, ...]:
+    parts = [v.strip() for v in text.split(",") if v.strip()]
+    if not parts or not all(v.lstrip("-").isdigit() for v in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as {example}, got {text!r}")
+    values = tuple(int(v) for v in parts)
+    if any(v < low for v in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= {low} such as {example}, got {text!r}")
+    return values
+
+
+def int_list(text: str) -> tuple[int, ...]:
+    """'16,32,64' -> (16, 32, 64): positive integers (iteration budgets)."""
+    return _int_list(text, 1, "16,32")
+
+
+def difficulty_list(text: str) -> tuple[int, ...]:
+    """'0,1' -> (0, 1): difficulties may be 0 (sudoku's bucket 0); a task rejects those it has no data for."""
+    return _int_list(text, 0, "0,1")
+
+
+def int_at_least(low: int, what: str):
+    """An argparse type: an integer >= low, else the error 'expected {what}'."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = low - 1
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+    return parse
+
+
+positive_int = int_at_least(1, "a positive integer")
+non_negative_int = int_at_least(0, "an integer >= 0")
+
+
+def window_arg(text: str) -> int | None:
+    if text.lower() in ("none", "global"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
+
+
+def none_or_str(text: str) -> str | None:
+    return None if text.lower() == "none" else text
+
+
+def one_line(e: BaseException) -> str:
+    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
+
+
+def device_arg(name: str) -> torch.device:
+    try:
+        device = resolve_device(name, None)
+    except RuntimeError as e:
+        raise UsageError(f"bad device {name!r}: {one_line(e)}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {name!r}: CUDA is not available")
+    return device
+
+
+# ------------------------------------------------------------------------------------- train
+
+CONFIGS = {"model": ModelConfig, "solve": SolveConfig, "train": TrainConfig}
+# flag dest -> (config, field): the field's own name, except --heads
+TRAIN_FLAGS = {
+    **{name: ("model", name) for name in ("recall", "norm", "z0", "d_model", "mlp_ratio", "window",
+                                          "n_positions", "relations")},
+    "heads": ("model", "n_heads"),
+    **{name: ("solve", name) for name in ("solver", "max_iter", "tol", "backward", "b_solver", "b_max_iter",
+                                          "b_tol", "phantom_steps", "progressive_alpha", "loss_every",
+                                          "detach_iters", "detach_random", "solver_options")},
+    **{f.name: ("train", f.name) for f in fields(TrainConfig) if f.name != "task"},
+}
+
+
+def default(cls, name: str):
+    (f,) = [f for f in fields(cls) if f.name == name]
+    return f.default if f.default is not MISSING else f.default_factory()
+
+
+def add_train(p: argparse.ArgumentParser) -> None:
+    def flag(group, dest, help, shown=None, option=None, **kw):
+        # A flag not given leaves no attribute (SUPPRESS), so "not given" differs from any value.
+        kind, name = TRAIN_FLAGS[dest]
+        shown = default(CONFIGS[kind], name) if shown is None else shown
+        if not {"choices", "action", "metavar"} & set(kw):
+            metavars = {int: "N", float: "X", int_list: "N,N,..", difficulty_list: "N,N,..", window_arg: "N|none",
+                        none_or_str: "NAME|none"}
+            kw["metavar"] = metavars.get(kw.get("type"), "NAME")
+        group.add_argument(option or "--" + dest.replace("_", "-"), dest=dest, default=argparse.SUPPRESS,
+                           help=f"{help} (default: {shown})", **kw)
+
+    p.epilog = ("Flags not given take the task's recipe where it sets them (model_defaults, solve_defaults, "
+                "train_defaults, with --preset over them), else the defaults shown. Recipes: "
+                + "; ".join(f"{name}: {recipe_text(cls)}" for name, cls in TASKS.items()) + ".")
+    p.add_argument("--task", metavar="NAME", help=f"the task: {', '.join(TASKS)} (required unless --config names it)")
+    p.add_argument("--config", metavar="FILE", help="a run's config.json (or --print-config's output): its "
+                   "values stand for flags not given")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the configs this command would train with, as JSON, and exit")
+    p.add_argument("--preset", metavar="NAME", help="a named recipe of the task over its defaults (sudoku: long)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from <out-dir>/checkpoint.pt with its settings; only "
+                        + ", ".join("--" + f.replace("_", "-") for f in RUN_CONTROL) + " may be given anew")
+    g = p.add_argument_group("model")
+    flag(g, "recall", "input injection", choices=RECALLS)
+    flag(g, "norm", "normalization placement", choices=NORMS)
+    flag(g, "z0", "initial state", choices=Z0S)
+    flag(g, "d_model", "width of the loop state", type=int)
+    flag(g, "heads", "attention heads", type=int)
+    flag(g, "mlp_ratio", "MLP width / d_model", type=int)
+    flag(g, "window", "local attention window, or 'none' for global attention", type=window_arg,
+         shown=f"the task's, else {default(ModelConfig, 'window')}")
+    flag(g, "n_positions", "learned absolute positions, 0 for none", type=int, shown="the task's, else 0")
+    flag(g, "relations", "board-structured attention: " + ", ".join(RELATIONS) + ", or 'none'",
+         type=none_or_str, shown="the task's, else none")
+    g = p.add_argument_group("solver")
+    flag(g, "solver", "forward solver (see solvers.SOLVERS)")
+    flag(g, "max_iter", "forward iterations at most", type=int)
+    flag(g, "tol", "relative residual at which a sample stops", type=float)
+    flag(g, "solver_options", "a forward-solver option KEY=VALUE (anderson: m, beta, reg, block_size, safeguard; "
+         "fixed_point_iter: tau), repeatable", type=solver_option, action="append", metavar="KEY=VALUE",
+         shown="none", option="--solver-option")
+    flag(g, "backward", "gradient", choices=BACKWARDS)
+    flag(g, "b_solver", "solver of the IFT adjoint system")
+    flag(g, "b_max_iter", "adjoint iterations at most", type=int)
+    flag(g, "b_tol", "adjoint tolerance", type=float)
+    flag(g, "phantom_steps", "steps of the phantom gradient and of the progressive loss", type=int)
+    flag(g, "progressive_alpha", "weight of the progressive loss term", type=float)
+    flag(g, "loss_every", "unroll: also score every N-th iterate (loss along the loop), 0 for the last only",
+         type=int)
+    flag(g, "detach_iters", "unroll: the first N of the max-iter iterations run without gradient", type=int)
+    flag(g, "detach_random", "unroll: draw that no-gradient prefix from 0..N at every step (the differentiated "
+         "segment keeps its length)", action="store_const", const=True)
+    g = p.add_argument_group("training")
+    flag(g, "seed", "seed of the init, the data and the progressive depth", type=int)
+    flag(g, "steps", "optimizer steps", type=int)
+    flag(g, "batch_size", "examples per step, over all processes", type=int)
+    flag(g, "lr", "peak learning rate", type=float)
+    flag(g, "weight_decay", "AdamW weight decay", type=float)
+    flag(g, "warmup_steps", "linear warmup steps", type=int)
+    flag(g, "min_lr_ratio", "cosine floor as a fraction of lr", type=float)
+    flag(g, "grad_clip", "gradient norm clip, 0 for none", type=float)
+    flag(g, "train_difficulties", "comma-separated", shown="the task's", type=difficulty_list)
+    flag(g, "test_difficulties", "comma-separated", shown="the task's", type=difficulty_list)
+    flag(g, "eval_every", "evaluate every N steps, 0 for never", type=int)
+    flag(g, "eval_size", "test examples per difficulty", type=int)
+    flag(g, "log_every", "a metrics.jsonl train row every N steps", type=int)
+    flag(g, "ckpt_every", "save the checkpoint every N steps, 0 for the end only", type=int)
+    flag(g, "keep_checkpoints", "also keep checkpoint_step{N}.pt of every save", action="store_const", const=True)
+    flag(g, "out_dir", "output directory", shown="runs/<task>", metavar="DIR")
+    flag(g, "device", "auto, cpu, cuda, cuda:1 ...")
+
+
+def train_configs(args) -> tuple[TrainConfig, ModelConfig, SolveConfig]:
+    """The configs from the flags: an explicit flag, else the task's model_defaults / solve_defaults,
+    else the dataclass default."""
+    given = {kind: {} for kind in CONFIGS}
+    if getattr(args, "config", None):
+        from_file = read_config(args.config)
+        if args.task and from_file["task"] != args.task:
+            raise UsageError(f"--task {args.task} differs from {args.config}'s task {from_file['task']!r}")
+        args.task = from_file["task"]
+        given = {kind: dict(from_file.get(kind) or {}) for kind in CONFIGS}
+    if not args.task:
+        raise UsageError("the following arguments are required: --task (or --config FILE)")
+    task = get_task(args.task)
+    for dest, (kind, name) in TRAIN_FLAGS.items():
+        if hasattr(args, dest):  # an explicit flag wins over the file
+            value = getattr(args, dest)
+            given[kind][name] = dict(value) if dest == "solver_options" else value
+    preset = getattr(args, "preset", None)
+    recipe = task.recipe(preset)
+    if args.resume:  # a repeated --preset must agree with the checkpoint, like a repeated flag
+        over = task.presets.get(preset, {}) if preset else {}
+        return resumed_configs(args.task, {kind: {**over.get(kind, {}), **values} for kind, values in given.items()})
+    model_cfg, solve_cfg = task_configs(task, given["model"], given["solve"], preset)
+    return TrainConfig(task=args.task, **{**recipe["train"], **given["train"]}), model_cfg, solve_cfg
+
+
+def read_config(path: str) -> dict:
+    """{"task", "train", "model", "solve"} from a config.json a run wrote (or --print-config's output)."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except OSError as e:
+        raise UsageError(f"cannot read --config {path}: {e.strerror}") from None
+    except ValueError as e:
+        raise UsageError(f"--config {path} is not JSON: {one_line(e)}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("task"), str):
+        raise UsageError(f"--config {path}: expected an object with a task and train / model / solve sections")
+    extra = sorted(set(data) - {"task", *CONFIGS})
+    if extra:
+        raise UsageError(f"--config {path}: unknown sections {', '.join(extra)} (expected task, {', '.join(CONFIGS)})")
+    for kind, cls in CONFIGS.items():
+        section = data.get(kind) or {}
+        if not isinstance(section, dict):
+            raise UsageError(f"--config {path}: {kind} is not an object")
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(section) - names)
+        if unknown:
+            raise UsageError(f"--config {path}: unknown {kind} fields {', '.join(unknown)}")
+        for fixed in ("task", "vocab_size", "n_classes"):  # set by the task, not by a config
+            section.pop(fixed, None)
+        data[kind] = section
+    return data
+
+
+def config_json(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig) -> str:
+    """The configs as the JSON of a run's config.json (what --config reads back)."""
+    import json
+
+    return json.dumps({"task": cfg.task, "train": cfg.to_dict(), "model": model_cfg.to_dict(),
+                       "solve": solve_cfg.to_dict()}, indent=1)
+
+
+def recipe_text(task) -> str:
+    """The task's training-recipe fields in one line, for --help."""
+    recipe = task.recipe()
+    text = ", ".join(f"{k}={v}" for kind in ("model", "solve", "train") for k, v in recipe[kind].items())
+    if task.presets:
+        text += " (presets: " + ", ".join(task.presets) + ")"
+    return text
+
+
+def resumed_configs(task: str, given: dict) -> tuple[TrainConfig, ModelConfig, SolveConfig]:
+    """The checkpoint's configs; a flag may repeat a stored value or change a RUN_CONTROL field, nothing else."""
+    out_dir = given["train"].get("out_dir") or str(Path("runs") / task)
+    ckpt = load_checkpoint(Path(out_dir) / "checkpoint.pt")
+    if ckpt["task"] != task:
+        raise UsageError(f"{ckpt['path']} is a {ckpt['task']!r} run, not {task!r}")
+    model_cfg, solve_cfg = configs(ckpt)
+    try:
+        ckpt["train_config"] = TrainConfig.from_dict(ckpt["train_config"]).to_dict()
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {ckpt['path']}: its train config does not fit this deqloop "
+                              f"({type(e).__name__}: {one_line(e)})") from None
+    stored = {"model": model_cfg.to_dict(), "solve": solve_cfg.to_dict(), "train": ckpt["train_config"]}
+    for kind, values in given.items():
+        for name, value in values.items():
+            old = stored[kind][name]
+            old = tuple(old) if isinstance(old, list) else old
+            if name not in RUN_CONTROL and value != old:
+                flag = "--" + next(d for d, kn in TRAIN_FLAGS.items() if kn == (kind, name)).replace("_", "-")
+                raise UsageError(f"{flag} {value} differs from the checkpoint's {name}={old!r}; a resumed run "
+                                 f"keeps its settings (only {', '.join(RUN_CONTROL)} may change)")
+    run_control = {k: v for k, v in given["train"].items() if k in RUN_CONTROL}
+    return TrainConfig.from_dict({**ckpt["train_config"], **run_control, "out_dir": out_dir}), model_cfg, solve_cfg
+
+
+def run_train(args) -> int:
+    try:
+        cfg, model_cfg, solve_cfg = train_configs(args)
+    except (ValueError, KeyError, TypeError) as e:  # unknown names and bad values, with the valid choices
+        raise UsageError(one_line(e)) from None
+    if args.print_config:
+        print(config_json(cfg, model_cfg, solve_cfg))
+        return 0
+    if cfg.device != "auto":
+        device_arg(cfg.device)
+    try:
+        path = train(cfg, model_cfg, solve_cfg, resume=args.resume)
+    except (ConfigError, FileExistsError) as e:
+        raise UsageError(one_line(e)) from None
+    except Interrupted as e:
+        print(f"interrupted: {e}", file=sys.stderr)
+        return 128 + e.signum
+    except FloatingPointError as e:  # the loss became nan or inf
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if os.environ.get("RANK", "0") == "0":  # torchrun's rank; a plain process is rank 0
+        print(f"saved {path}")
+        print_run_summary(path, cfg)
+    return 0
+
+
+def print_run_summary(path: Path, cfg: TrainConfig) -> None:
+    """What the run left and what to run next: files, the last evaluation, commands."""
+    import json
+
+    out = path.parent
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train_rows = [r for r in rows if r.get("kind") == "train"]
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    try:
+        plot_training(rows, out / "training.png", f"{cfg.task}: {out}")
+        curve = f"  {out / 'training.png'}  loss and test accuracy against the step\n"
+    except Exception as e:  # a plot must not fail a finished run
+        curve = f"  (no training.png: {one_line(e)})\n"
+    last = train_rows[-1] if train_rows else {}
+    text = (f"  {out / 'metrics.jsonl'}  {len(train_rows)} train rows, {len(evals)} evaluations\n"
+            f"  {out / 'config.json'}  the configs (train --config reads it back)\n{curve}")
+    if last:
+        text += f"final step {last['step']}: loss {last['loss']:.4g}, batch accuracy {last['acc']:.3f}\n"
+    if evals:
+        budgets = evals[-1].get("max_iter", {})
+        text += ("test accuracy (difficulty @ budget): " + ", ".join(
+            f"{d} @ {budgets.get(d, '?')}: {a:.1%}" for d, a in evals[-1]["acc"].items() if a is not None) + "\n")
+    prog = program_name()
+    text += (f"next: {prog} eval {path}    (accuracy against difficulty and iterations)\n"
+             f"      {prog} diagnose {path}    (reachability, input-dependence, geometry)\n"
+             f"      {prog} solve {path} INPUT")
+    print(text)
+
+
+# ------------------------------------------------------------------------------------- eval
+
+def solver_option(text: str) -> tuple[str, object]:
+    """KEY=VALUE of --solver-option: VALUE as an int, a float, true/false, else a string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. m=6), got {text!r}")
+    value: object = raw.strip()
+    lowered = raw.strip().lower()
+    if lowered in ("true", "false"):
+        value = lowered == "true"
+    else:
+        for kind in (int, float):
+            try:
+                value = kind(raw)
+                break
+            except ValueError:
+                pass
+    return key.strip(), value
+
+
+def checked_solver(solve: SolveConfig, args) -> SolveConfig:
+    try:
+        return with_solver(solve, **solver_override(args))
+    except (ValueError, TypeError, KeyError) as e:  # KeyError: an unknown solver (solvers.UnknownSolverError)
+        raise UsageError(one_line(e)) from None
+
+
+def add_solver_override(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--solver", help="forward solver instead of the run's (see solvers.SOLVERS)")
+    p.add_argument("--solver-option", dest="solver_options", type=solver_option, action="append", metavar="KEY=VALUE",
+                   help="a forward-solver option (anderson: m, beta, reg; fixed_point_iter: tau ...), repeatable")
+
+
+def solver_override(args) -> dict:
+    """The eval / solve / diagnose solver override as keyword arguments of checkpoint.with_solver."""
+    return {"solver": args.solver, "options": dict(args.solver_options or [])}
+
+
+def add_eval(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint.pt written by train")
+    p.add_argument("--difficulties", type=difficulty_list, metavar="N,N,..",
+                   help="comma-separated (default: the run's test difficulties)")
+    p.add_argument("--iters", type=int_list, metavar="N,N,..",
+                   help="comma-separated max_iter budgets (default: the training max_iter doubled up to 8x, "
+                        "plus the task's budget per difficulty)")
+    p.add_argument("--n", type=positive_int, help=f"test examples per difficulty (default: {EVAL_N})")
+    p.add_argument("--json", metavar="PATH",
+                   help="write every number here (default: eval.json beside the checkpoint)")
+    p.add_argument("--plot", metavar="PATH", help="write the plot here (default: eval.png beside the checkpoint)")
+    add_solver_override(p)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
+
+
+def check_outputs(files=(), dirs=()) -> None:
+    """Fail before the work, not after it: each of `files` must be writable as a file, each of
+    `dirs` usable as a directory (created later if missing)."""
+    for path, want_dir in [(Path(f), False) for f in files] + [(Path(d), True) for d in dirs]:
+        if not path.parent.is_dir():
+            raise UsageError(f"cannot write {path}: directory {path.parent} does not exist")
+        if path.exists() and path.is_dir() != want_dir:
+            raise UsageError(f"cannot write {path}: it is {'a file' if want_dir else 'a directory'}, "
+                             f"not {'a directory' if want_dir else 'a file'}")
+        if not os.access(path if path.exists() else path.parent, os.W_OK):
+            raise UsageError(f"cannot write {path}: permission denied")
+
+
+def run_eval(args) -> int:
+    json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "eval.json"
+    plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).parent / "eval.png"
+    check_outputs(files=(json_path, plot_path))
+    device = device_arg(args.device)
+    checked_solver(configs(load_checkpoint(args.checkpoint))[1], args)  # a bad override: one line, first
+    with Console(stderr=True).status("evaluating") as status:
+        report = evaluate_checkpoint(
+            args.checkpoint, difficulties=args.difficulties, iters=args.iters, n=args.n, device=device,
+            progress=lambda d, k: status.update(f"evaluating difficulty {d}, max_iter {k}"),
+            solver=args.solver, solver_options=dict(args.solver_options or []))
+    print_table(report)
+    try:
+        write_json(report, json_path)
+        plot(report, plot_path)
+    except OSError as e:
+        raise UsageError(f"cannot write {e.filename or json_path}: {e.strerror or one_line(e)}") from None
+    print(f"wrote {json_path} and {plot_path}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- solve
+
+def add_solve(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint.pt written by train")
+    p.add_argument("input", metavar="INPUT", help="one problem in the task's text form (prefix_sums: 0110...)")
+    p.add_argument("--max-iter", type=positive_int,
+                   help="solver budget (default: the larger of the training max_iter and the task's budget "
+                        "for this input; the solver stops earlier once it converges)")
+    add_solver_override(p)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
+
+
+def run_solve(args) -> int:
+    device = device_arg(args.device)
+    ckpt = load_checkpoint(args.checkpoint)
+    model, task = load_model(ckpt, device)
+    solve_cfg = checked_solver(configs(ckpt)[1], args)
+    tokens = task.parse(args.input).to(device)  # a malformed INPUT: TaskInputError, one line from main
+    max_iter = args.max_iter or max(solve_cfg.max_iter, task.solve_max_iter(tokens))
+    with torch.no_grad():
+        try:
+            logits, result, _ = model(tokens, solve_cfg, max_iter=max_iter)
+        except ValueError as e:  # e.g. an input longer than a fixed-size model's positions
+            raise UsageError(one_line(e)) from None
+    pred = task.predict(logits, tokens)
+    print(task.decode(tokens[0].cpu(), pred[0].cpu()))
+    verdict = task.verdict(tokens[0].cpu(), pred[0].cpu())
+    if verdict:
+        print(verdict)
+    print(f"solver: {int(result.n_steps[0])} steps (max_iter {max_iter}), "
+          f"residual {float(result.residual[0]):.3g} ({result.stop_mode}), status {result.status.name}")
+    print(result.message)
+    return 0
+
+
+# ------------------------------------------------------------------------------------- diagnose
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def add_diagnose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint.pt written by train")
+    p.add_argument("--difficulty", "--difficulties", dest="difficulties", type=difficulty_list, metavar="N,N,..",
+                   help="comma-separated (default: the run's test difficulties)")
+    p.add_argument("--n-inputs", type=positive_int, default=default(DiagnoseSettings, "n_inputs"), metavar="N",
+                   help="test inputs per difficulty, at least 2 (default: %(default)s)")
+    p.add_argument("--n-starts", type=non_negative_int, default=default(DiagnoseSettings, "n_starts"), metavar="N",
+                   help="seeded random starts per input besides the model's z0 (default: %(default)s)")
+    p.add_argument("--n-geometry", type=positive_int, default=default(DiagnoseSettings, "n_geometry"), metavar="N",
+                   help="inputs per difficulty for sensitivity and geometry, the costly part (default: %(default)s)")
+    p.add_argument("--seed", type=non_negative_int, default=default(DiagnoseSettings, "seed"), metavar="N",
+                   help="seed of the random starts and directions (default: %(default)s)")
+    p.add_argument("--cluster-tol", type=positive_float, default=default(DiagnoseSettings, "cluster_tol"),
+                   metavar="X", help="fixed points closer than X times their median norm are one "
+                                     "(default: %(default)s)")
+    p.add_argument("--json", metavar="PATH",
+                   help="write every number here (default: diagnose.json beside the checkpoint)")
+    p.add_argument("--plots", metavar="DIR",
+                   help="write diagnose_{residuals,spectral_radius,sensitivity}.png here, creating DIR "
+                        "(default: beside the checkpoint)")
+    add_solver_override(p)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
+
+
+def run_diagnose(args) -> int:
+    json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "diagnose.json"
+    plot_dir = Path(args.plots) if args.plots else Path(args.checkpoint).parent
+    check_outputs(files=(json_path,), dirs=(plot_dir,))
+    try:
+        settings = DiagnoseSettings(n_inputs=args.n_inputs, n_starts=args.n_starts, n_geometry=args.n_geometry,
+                                    seed=args.seed, cluster_tol=args.cluster_tol)
+    except ValueError as e:
+        raise UsageError(one_line(e)) from None
+    device = device_arg(args.device)
+    checked_solver(configs(load_checkpoint(args.checkpoint))[1], args)  # a bad file or override: one line, first
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        job = bar.add_task("diagnosing", total=None)
+        report = diagnose_checkpoint(
+            args.checkpoint, difficulties=args.difficulties, settings=settings, device=device,
+            progress=lambda what, done, total: bar.update(job, description=what, completed=done, total=total),
+            solver=args.solver, solver_options=dict(args.solver_options or []))
+    print_diagnose(report)
+    try:
+        plot_dir.mkdir(exist_ok=True)
+        write_json(report, json_path)
+        paths = plot_diagnose(report, plot_dir)
+    except OSError as e:
+        raise UsageError(f"cannot write {e.filename or json_path}: {e.strerror or one_line(e)}") from None
+    print(f"wrote {json_path} and {', '.join(map(str, paths))}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- grid
+
+def name_list(text: str) -> tuple[str, ...]:
+    names = tuple(v.strip() for v in text.split(",") if v.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return names
+
+
+def seed_list(text: str) -> tuple[int, ...]:
+    parts = [v.strip() for v in text.split(",") if v.strip()]
+    if not parts or not all(v.isdigit() for v in parts):
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0 such as 0,1,2, got {text!r}")
+    return tuple(int(v) for v in parts)
+
+
+def add_grid(p: argparse.ArgumentParser) -> None:
+    from deqloop.grid import GRIDS
+
+    p.add_argument("task", help=f"the grid of this task: {', '.join(GRIDS)} (sizes in deqloop/grid.py GRIDS)")
+    p.add_argument("--root", default="runs/grid", metavar="DIR",
+                   help="cells go to DIR/<task>/<recall>-<norm>/seed<k>/ (default: %(default)s)")
+    p.add_argument("--recall", type=name_list, metavar="A,B,..", help="these recalls only (default: the grid's)")
+    p.add_argument("--norm", type=name_list, metavar="A,B,..", help="these norms only (default: the grid's)")
+    p.add_argument("--seeds", type=seed_list, metavar="N,N,..", help="these seeds (default: the grid's, 0,1,2)")
+    p.add_argument("--steps", type=positive_int, metavar="N",
+                   help="training steps per run (default: the grid's; another value needs another --root)")
+    p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
+                   help="runs at once, each with cores/N threads (default: %(default)s)")
+    p.add_argument("--report-dir", default=None, metavar="DIR",
+                   help="write <task>.md, plots and summary JSON here (default: DIR/<task>/ of --root)")
+    p.add_argument("--report-only", action="store_true", help="do not run anything; report the cells done so far")
+
+
+def run_grid_command(args) -> int:
+    from dataclasses import replace
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from deqloop.grid import GRIDS, GridError, check_spec, run_grid
+    from deqloop.grid_report import summarize, write_report
+
+    if args.task not in GRIDS:
+        raise UsageError(f"no grid for task {args.task!r}; choose from {', '.join(GRIDS)}")
+    spec = GRIDS[args.task]
+    changes = {k: getattr(args, a) for k, a in (("recalls", "recall"), ("norms", "norm"), ("seeds", "seeds"))
+               if getattr(args, a)}
+    if args.steps:
+        changes["train"] = {**spec.train, "steps": args.steps}
+    spec = replace(spec, **changes)
+    try:
+        check_spec(spec)
+        if not args.report_only:
+            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+            with Progress(*columns, console=Console(stderr=True)) as bar:
+                job = bar.add_task(f"grid {spec.task}", total=len(spec.cells()))
+                run_grid(spec, args.root, jobs=args.jobs, progress=lambda done, total, name: bar.update(
+                    job, completed=done, total=total, description=f"grid {spec.task}" + (f" ({name} done)" if name else "")))
+    except GridError as e:
+        raise UsageError(one_line(e)) from None
+    summary = summarize(spec, args.root)
+    out = Path(args.report_dir) if args.report_dir else Path(args.root) / spec.task
+    paths = write_report(spec, summary, out)
+    print(f"{summary['n_done']} of {summary['n_cells']} runs done; wrote {', '.join(map(str, paths))}")
+    return 0
+
+
+# ------------------------------------------------------------------------------------- main
+
+COMMANDS = {  # name: (help, add its flags, run it)
+    "train": ("train a model; writes <out-dir>/checkpoint.pt and metrics.jsonl", add_train, run_train),
+    "eval": ("accuracy per difficulty x iteration budget of a checkpoint", add_eval, run_eval),
+    "solve": ("answer one INPUT with a checkpoint's model", add_solve, run_solve),
+    "diagnose": ("are a checkpoint's fixed points reachable, input-dependent, well-conditioned? (per difficulty)",
+                 add_diagnose, run_diagnose),
+    "grid": ("train, evaluate and diagnose recall x norm x seeds on a task, resumably; then tables and plots",
+             add_grid, run_grid_command),
+}
+
+
+def build_parser() -> Parser:
+    parser = Parser(prog=program_name(), description="deqloop: looped transformers as deep equilibrium models")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (help, add, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help, description=help)
+        add(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def program_name() -> str:
+    """How the user called us, for usage lines: deqloop, python -m deqloop, or cli.py."""
+    path = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path()
+    if path.name == "__main__.py" and path.parent.name == "deqloop":
+        return "python -m deqloop"
+    return "cli.py" if path.name == "cli.py" else "deqloop"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (UsageError, CheckpointError, TaskInputError) as e:  # TaskInputError: bad INPUT, unknown difficulty
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
+    except OSError as e:  # the machine's side: disk full, permissions, a directory where a file goes
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"error: {e.strerror or one_line(e)}{where}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
