@@ -33,10 +33,10 @@ from torchdeq import solver as tdsolver  # noqa: E402
 # (label, library, method, options); "D" in an option value is replaced by the model's width
 SOLVERS = [
     ("fixed_point_iter", "ours", "fixed_point_iter", {}),
-    ("anderson", "ours", "anderson", {}),
-    ("anderson safeguard=1", "ours", "anderson", {"safeguard": 1.0}),
-    ("anderson per position", "ours", "anderson", {"block_size": "D"}),
-    ("anderson per position safeguard=1", "ours", "anderson", {"block_size": "D", "safeguard": 1.0}),
+    ("anderson", "ours", "anderson", {}),  # the default: safeguard 1, max_restarts 0
+    ("anderson unguarded", "ours", "anderson", {"safeguard": None}),
+    ("anderson guarded, 2 restarts", "ours", "anderson", {"max_restarts": 2}),
+    ("anderson per position", "ours", "anderson", {"block_size": "D", "safeguard": None}),
     ("broyden", "ours", "broyden", {}),
     ("torchdeq fixed_point_iter", "torchdeq", "fixed_point_iter", {}),
     ("torchdeq anderson", "torchdeq", "anderson", {}),
@@ -80,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--difficulties", help="comma-separated (default: the run's test difficulties)")
     p.add_argument("--n", type=int, default=64, help="test examples per difficulty (default: 64)")
     p.add_argument("--max-iter", type=int, help="budget of every solver (default: the task's, per difficulty)")
-    p.add_argument("--solvers", help="comma-separated labels (default: all)")
+    p.add_argument("--solvers", help="comma-separated labels of SOLVERS (default: all)")
     p.add_argument("--json", type=Path, help="write every row here")
     args = p.parse_args(argv)
     chosen = [s for s in SOLVERS if not args.solvers or s[0] in args.solvers.split(",")]

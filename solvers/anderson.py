@@ -25,7 +25,8 @@ def anderson(
     beta: float = 1.0,
     reg: float = 1e-8,
     block_size: int | None = None,
-    safeguard: float | None = None,
+    safeguard: float | None = 1.0,
+    max_restarts: int | None = 0,
     subbatch: bool = False,
     divergence_ratio: float = 1e4,
 ) -> SolverResult:
@@ -45,6 +46,15 @@ def anderson(
     safeguard: reject a mixed step whose residual norm exceeds `safeguard` times the residual
         at the iterate it started from: that sample forgets its history and takes the plain step
         z + beta g from there (None: never reject). Costs the evaluation of the rejected point.
+    max_restarts: with `safeguard`, a sample rejected more than this many times stops mixing
+        and finishes by plain steps (None: restart without limit; 0: the first rejection).
+
+    The defaults (safeguard 1, max_restarts 0) make Anderson fall back to plain iteration on a
+    sample as soon as mixing makes its residual grow. Measured on a trained prefix-sums loop
+    (causal, window 4; bench/solvers_on_checkpoints.py, docs/TRAINING.md): unguarded Anderson
+    was right on 31% of 512-bit strings in 600 evaluations where plain iteration was right on
+    100% in 245; guarded, 100% in 248. On the toy maps of bench/solvers.py the evaluation counts
+    are unchanged. Pass safeguard=None for plain Anderson mixing.
     """
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m must be an integer >= 1, got {m!r}")
@@ -54,6 +64,9 @@ def anderson(
         raise ValueError(f"reg must be >= 0, got {reg!r}")
     if safeguard is not None and not (isinstance(safeguard, (int, float)) and safeguard > 0):
         raise ValueError(f"safeguard must be a number > 0 or None, got {safeguard!r}")
+    if max_restarts is not None and (isinstance(max_restarts, bool) or not isinstance(max_restarts, int)
+                                     or max_restarts < 0):
+        raise ValueError(f"max_restarts must be an integer >= 0 or None, got {max_restarts!r}")
     per_sample = z0[0].numel() if isinstance(z0, Tensor) and z0.dim() >= 1 and z0.shape[0] else None
     if block_size is not None:
         if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
@@ -77,6 +90,7 @@ def anderson(
     gram = torch.zeros(n, nb, m, m, dtype=torch.float64, device=z.device)  # dG dG^T per block
     eye = torch.eye(m, dtype=torch.float64, device=z.device)
     mixed = torch.zeros(n, dtype=torch.bool, device=z.device)  # z_next came from a mixed step
+    restarts = torch.zeros(n, dtype=torch.long, device=z.device)  # rejections so far, per sample
     z_next = z + beta * g
     k = 0
     while True:
@@ -86,7 +100,7 @@ def anderson(
             break
         if keep is not None:
             z, g, z_next, g_next = z[keep], g[keep], z_next[keep], g_next[keep]
-            dz, dg, gram, mixed = dz[keep], dg[keep], gram[keep], mixed[keep]
+            dz, dg, gram, mixed, restarts = dz[keep], dg[keep], gram[keep], mixed[keep], restarts[keep]
         n = z.shape[0]
         slot = k % m
         k += 1
@@ -94,10 +108,13 @@ def anderson(
         dg[:, :, slot] = (g_next - g).view(n, nb, bs)
         if safeguard is not None:
             bad = mixed & (g_next.norm(dim=1) > safeguard * g.norm(dim=1))
+            restarts += bad
+            if max_restarts is not None:  # past the limit: plain steps from here on
+                bad = bad | (restarts > max_restarts)
             if bool(bad.any()):  # back to z, history forgotten: the next step is the plain one
                 dz[bad], dg[bad], gram[bad] = 0, 0, 0
-                z_next = torch.where(bad[:, None], z, z_next)
-                g_next = torch.where(bad[:, None], g, g_next)
+                z_next = torch.where((bad & mixed)[:, None], z, z_next)
+                g_next = torch.where((bad & mixed)[:, None], g, g_next)
         z, g = z_next, g_next
         dgf, dzf = dg.view(n * nb, m, bs), dz.view(n * nb, m, bs)  # blocks as rows of one batched solve
         gb = g.view(n * nb, bs)

@@ -85,15 +85,19 @@ def test_accelerated_solvers_beat_plain_iteration_on_slow_map(name):
     assert fast.n_f_evals * 10 < plain.n_f_evals, (fast.n_f_evals, plain.n_f_evals)
 
 
-@pytest.mark.parametrize("name", ACCELERATED)
-def test_hard_map_where_plain_iteration_fails(name):
+def oscillating_tanh(b=4, d=32):
     """tanh(W z + c), W symmetric with eigenvalues down to -1.8: plain iteration oscillates."""
-    d, b = 32, 4
     g = gen(7)
     q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
     w = q @ torch.diag(torch.linspace(-1.8, 0.9, d, dtype=F64)) @ q.T
     c = torch.randn(b, d, generator=g, dtype=F64)
-    f = lambda z: torch.tanh(z @ w + c)
+    return (lambda z: torch.tanh(z @ w + c)), b, d
+
+
+@pytest.mark.parametrize("name", ACCELERATED)
+def test_hard_map_where_plain_iteration_fails(name):
+    """tanh(W z + c), W symmetric with eigenvalues down to -1.8: plain iteration oscillates."""
+    f, b, d = oscillating_tanh()
     plain = solve(f, torch.zeros(b, d, dtype=F64), method="fixed_point_iter", tol=1e-8, max_iter=200)
     assert plain.status is Status.MAX_ITER and not plain.converged.any()
     r = solve(f, torch.zeros(b, d, dtype=F64), method=name, tol=1e-8, max_iter=200)
@@ -307,3 +311,38 @@ def test_solvers_build_no_graph_even_with_grad_enabled(name):
     w = torch.nn.Parameter(0.5 * torch.eye(3, dtype=F64))
     r = solve(lambda z: torch.tanh(z @ w + 1.0), torch.ones(2, 3, dtype=F64), method=name, tol=1e-8)
     assert r.converged.all() and not r.z.requires_grad and r.z.grad_fn is None
+
+
+@pytest.mark.parametrize("options", [{"block_size": 4}, {"safeguard": 1.0}, {"block_size": 4, "safeguard": 1.0}])
+def test_anderson_variants_find_the_exact_fixed_point(options):
+    # 12 coupled elements as 3 blocks of 4: mixing per block is no longer exact for a linear map
+    # (it converges, more slowly: 1.9e-8 after 300 evaluations here), but it must get there.
+    f, z_star = contractive_affine(b=4, d=12, lip=0.9, seed=3)
+    r = solve(f, torch.zeros_like(z_star), method="anderson", tol=1e-7, max_iter=300, **options)
+    assert r.converged.all(), r.message
+    torch.testing.assert_close(r.z, z_star, atol=1e-5, rtol=0)
+
+
+def test_one_block_is_plain_anderson():
+    f, z_star = contractive_affine(b=3, d=8, lip=0.9, seed=4)
+    a = solve(f, torch.zeros_like(z_star), method="anderson", tol=1e-10, max_iter=200)
+    b = solve(f, torch.zeros_like(z_star), method="anderson", tol=1e-10, max_iter=200, block_size=8)
+    assert torch.equal(a.n_steps, b.n_steps) and torch.allclose(a.z, b.z, atol=1e-12, rtol=0)
+
+
+def test_safeguarded_anderson_still_converges_where_plain_iteration_fails():
+    # The oscillating map of test_hard_map_where_plain_iteration_fails, where plain iteration
+    # never converges: rejected mixed steps fall back to plain ones, and the safeguarded solve
+    # must still converge like unguarded Anderson (the fallback does not trap it in oscillation).
+    f, b, d = oscillating_tanh()
+    plain = solve(f, torch.zeros(b, d, dtype=F64), method="anderson", tol=1e-8, max_iter=300)
+    guarded = solve(f, torch.zeros(b, d, dtype=F64), method="anderson", tol=1e-8, max_iter=300, safeguard=1.0)
+    assert plain.converged.all() and guarded.converged.all(), guarded.message
+    assert (residual(f, guarded.z) < 1e-8).all()
+
+
+@pytest.mark.parametrize("bad, words", [({"block_size": 5}, "does not divide"), ({"block_size": 0}, "block_size"),
+                                        ({"safeguard": 0}, "safeguard"), ({"safeguard": "x"}, "safeguard")])
+def test_anderson_bad_variant_options(bad, words):
+    with pytest.raises(ValueError, match=words):
+        solve(lambda z: 0.5 * z, torch.zeros(2, 12, dtype=F64), method="anderson", **bad)
