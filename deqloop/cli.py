@@ -432,11 +432,23 @@ def run_eval(args) -> int:
     check_outputs(files=(json_path, plot_path))
     device = device_arg(args.device)
     checked_solver(configs(load_checkpoint(args.checkpoint))[1], args)  # a bad override: one line, first
-    with Console(stderr=True).status("evaluating") as status:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    console = Console(stderr=True)
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+                  transient=True) as bar:
+        job = bar.add_task("evaluating", total=None)
+
+        def progress(d, k, done, total):
+            what = "evaluated" if d is None else f"difficulty {d}, max_iter {k}"
+            bar.update(job, description=what, completed=done, total=total)
+            if not console.is_terminal and d is not None:  # a log file: one plain line per cell
+                print(f"evaluating {what} ({done / total:.0%} of the work done)", file=sys.stderr, flush=True)
+
         report = evaluate_checkpoint(
             args.checkpoint, difficulties=args.difficulties, iters=args.iters, n=args.n, device=device,
-            progress=lambda d, k: status.update(f"evaluating difficulty {d}, max_iter {k}"),
-            solver=args.solver, solver_options=dict(args.solver_options or []))
+            progress=progress, solver=args.solver, solver_options=dict(args.solver_options or []))
     print_table(report)
     try:
         write_json(report, json_path)

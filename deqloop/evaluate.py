@@ -101,7 +101,8 @@ def evaluate_checkpoint(path: str | Path, *, difficulties=None, iters=None, n: i
 
     Defaults: the run's test difficulties, `default_iters`, EVAL_N examples per difficulty, and the
     run's forward solver (`solver`, `solver_options`: another, see checkpoint.with_solver).
-    `progress(difficulty, max_iter)` is called before each cell.
+    `progress(difficulty, max_iter, done, total)` is called before each cell and once at the end
+    (difficulty None), with the work done and in all counted in iteration budgets.
     """
     ckpt = load_checkpoint(path)
     model, task = load_model(ckpt, device)
@@ -110,14 +111,17 @@ def evaluate_checkpoint(path: str | Path, *, difficulties=None, iters=None, n: i
     difficulties = list(difficulties or train_cfg.get("test_difficulties") or task.test_difficulties)
     iters = sorted(set(iters or default_iters(solve, task, difficulties)))
     n = int(n or EVAL_N)
-    cells = []
+    cells, done, total = [], 0, len(difficulties) * sum(iters)  # work in iteration-budget units
     for d in difficulties:
         batch = test_set(task, d, n)
         for k in iters:
             if progress is not None:
-                progress(d, k)
+                progress(d, k, done, total)
             cells.append({"difficulty": d, "max_iter": k,
                           **evaluate(model, task, solve, batch, max_iter=k, device=device)})
+            done += k
+    if progress is not None:
+        progress(None, None, done, total)
     return {
         "checkpoint": str(path), "task": ckpt["task"], "step": ckpt["step"],
         "deqloop_version": ckpt["deqloop_version"], "solver": solve.solver,

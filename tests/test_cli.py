@@ -298,3 +298,30 @@ def test_a_finished_run_says_what_it_left_and_what_to_run_next(capsys, tmp_path)
     for words in ("metrics.jsonl", "config.json", "training.png", "final step 2", "test accuracy (difficulty @ budget)",
                   f"eval {tmp_path / 'checkpoint.pt'}", "diagnose", "solve"):
         assert words in out, out
+
+
+def test_a_shipped_model_answers_by_name(capsys):
+    from deqloop.checkpoint import shipped_models
+
+    assert "prefix_sums" in shipped_models()
+    code, out, err = run(capsys, "solve", "prefix_sums", "0110100111")
+    assert code == 0 and out.splitlines()[0] == "0100111010", out + err  # running parity
+    code, _, err = run(capsys, "solve", "no_such_model", "0110")
+    assert_usage_error(code, err, "no such file", "shipped models", "prefix_sums")
+
+
+def test_the_shipped_sudoku_model_solves_puzzles_of_another_generator(capsys):
+    # 6 puzzles of tasks/sudoku_alt.py (not the training generator), 24-32 givens: the shipped
+    # model solved all 128 of its bench sample (docs/TRAINING.md); each answer must keep the rules.
+    import numpy as np
+
+    from tasks.sudoku_alt import alt_puzzle
+
+    rng = np.random.default_rng(2026)
+    solved = 0
+    for givens in (24, 26, 28, 30, 32, 32):
+        puzzle, _ = alt_puzzle(rng, givens)
+        code, out, err = run(capsys, "solve", "sudoku", "".join(map(str, puzzle)))
+        assert code == 0, err
+        solved += "\nvalid: every row" in "\n" + out
+    assert solved >= 5, solved  # 100% measured; one miss allowed
