@@ -8,7 +8,9 @@
 Per checkpoint, difficulty and solver, on the same fixed test set (deqloop.evaluate.test_set) and
 the same weights: exact-match accuracy of the returned z, fraction of samples whose relative
 residual ||f(z) - z|| / ||f(z)|| is below the checkpoint's tol (recomputed here, the same way
-for every solver), mean evaluations of f per sample, and wall time. Every solver gets the same
+for every solver), evaluations of f (rows passed over the batch size: for a whole-batch solve,
+until its last sample stops), mean evaluations per sample until each stops (ours only; torchdeq
+does not report them), and wall time. Every solver gets the same
 budget: the task's evaluation budget for that difficulty (deqloop.evaluate.eval_max_iter), or
 --max-iter. Time it with nothing else running.
 """
@@ -61,8 +63,10 @@ def run_one(model, task, batch, lib, method, options, tol, max_iter) -> dict:
     cell = model.cell(x)
     f = Counted(cell)
     t0 = time.perf_counter()
+    steps = None  # per-sample evaluations: ours report them, torchdeq's do not
     if lib == "ours":
-        z = solvers.solve(f, z0, method=method, tol=tol, max_iter=max_iter, stop_mode="rel", **options).z
+        result = solvers.solve(f, z0, method=method, tol=tol, max_iter=max_iter, stop_mode="rel", **options)
+        z, steps = result.z, float(result.n_steps.float().mean())
     else:
         z, _, _ = tdsolver.get_solver(method)(f, z0, max_iter=max_iter, tol=tol, stop_mode="rel", **options)
     wall = time.perf_counter() - t0
@@ -71,7 +75,7 @@ def run_one(model, task, batch, lib, method, options, tol, max_iter) -> dict:
     pred = task.predict(model.head_logits(z), batch.inputs)
     exact = task.exact_match(pred, batch).float()
     return {"exact": float(exact.mean()), "converged": float((rel < tol).float().mean()),
-            "f_evals": f.rows / batch.inputs.shape[0], "wall_s": wall}
+            "f_evals": f.rows / batch.inputs.shape[0], "mean_steps": steps, "wall_s": wall}
 
 
 def main(argv=None) -> int:
@@ -108,8 +112,10 @@ def main(argv=None) -> int:
                 if "error" in row:
                     print(f"{name:>12} d={d:<4} {label:<36} {row['error']}", flush=True)
                 else:
+                    mean = "      -" if row["mean_steps"] is None else f"{row['mean_steps']:7.1f}"
                     print(f"{name:>12} d={d:<4} {label:<36} exact {row['exact']:6.1%}  conv {row['converged']:6.1%}  "
-                          f"f evals {row['f_evals']:7.1f}  {row['wall_s']:7.2f} s  (budget {budget})", flush=True)
+                          f"f evals {row['f_evals']:7.1f}  per sample {mean}  {row['wall_s']:7.2f} s  (budget {budget})",
+                          flush=True)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"n": args.n, "rows": rows}, indent=1) + "\n")
