@@ -431,7 +431,8 @@ def run_eval(args) -> int:
     plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).parent / "eval.png"
     check_outputs(files=(json_path, plot_path))
     device = device_arg(args.device)
-    checked_solver(configs(load_checkpoint(args.checkpoint))[1], args)  # a bad override: one line, first
+    ckpt = load_checkpoint(args.checkpoint)
+    checked_solver(configs(ckpt)[1], args)  # a bad file or override: one line, before any work
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     console = Console(stderr=True)
@@ -447,7 +448,7 @@ def run_eval(args) -> int:
                 print(f"evaluating {what} ({done / total:.0%} of the work done)", file=sys.stderr, flush=True)
 
         report = evaluate_checkpoint(
-            args.checkpoint, difficulties=args.difficulties, iters=args.iters, n=args.n, device=device,
+            ckpt, difficulties=args.difficulties, iters=args.iters, n=args.n, device=device,
             progress=progress, solver=args.solver, solver_options=dict(args.solver_options or []))
     print_table(report)
     try:
@@ -540,14 +541,15 @@ def run_diagnose(args) -> int:
     except ValueError as e:
         raise UsageError(one_line(e)) from None
     device = device_arg(args.device)
-    checked_solver(configs(load_checkpoint(args.checkpoint))[1], args)  # a bad file or override: one line, first
+    ckpt = load_checkpoint(args.checkpoint)
+    checked_solver(configs(ckpt)[1], args)  # a bad file or override: one line, before the progress bar
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
         job = bar.add_task("diagnosing", total=None)
         report = diagnose_checkpoint(
-            args.checkpoint, difficulties=args.difficulties, settings=settings, device=device,
+            ckpt, difficulties=args.difficulties, settings=settings, device=device,
             progress=lambda what, done, total: bar.update(job, description=what, completed=done, total=total),
             solver=args.solver, solver_options=dict(args.solver_options or []))
     print_diagnose(report)

@@ -73,7 +73,7 @@ class DiagnoseSettings:
 Progress = Callable[[str, int, int], None]  # (description, steps done, steps in all)
 
 
-def diagnose_checkpoint(path: str | Path, *, difficulties=None, settings: DiagnoseSettings = DiagnoseSettings(),
+def diagnose_checkpoint(path: str | Path | dict, *, difficulties=None, settings: DiagnoseSettings = DiagnoseSettings(),
                         device: str | torch.device = "cpu", progress: Progress | None = None,
                         solver: str | None = None, solver_options: dict | None = None) -> dict:
     """Every diagnostic of a checkpoint per difficulty, as a plain dict (see `write_json`).
@@ -81,7 +81,7 @@ def diagnose_checkpoint(path: str | Path, *, difficulties=None, settings: Diagno
     Default difficulties: the run's test difficulties; default forward solver: the run's (see
     checkpoint.with_solver). Raises CheckpointError on a bad file.
     """
-    ckpt = load_checkpoint(path)
+    ckpt = path if isinstance(path, dict) else load_checkpoint(path)  # a dict: already loaded
     model, task = load_model(ckpt, device)
     model_cfg, solve = configs(ckpt)
     solve = with_solver(solve, solver, solver_options)
@@ -103,7 +103,7 @@ def diagnose_checkpoint(path: str | Path, *, difficulties=None, settings: Diagno
     if progress is not None:
         progress("done", done[0], steps_per * len(difficulties))
     return {
-        "checkpoint": str(path), "task": ckpt["task"], "step": ckpt["step"],
+        "checkpoint": ckpt["path"], "task": ckpt["task"], "step": ckpt["step"],
         "deqloop_version": ckpt["deqloop_version"],
         "model": {k: model_cfg.to_dict()[k] for k in ("recall", "norm", "z0", "d_model", "n_heads", "window")},
         "solver": solve.solver, "tol": solve.tol, "b_solver": solve.b_solver, "b_tol": solve.b_tol,

@@ -94,17 +94,18 @@ def default_iters(solve: SolveConfig, task: Task, difficulties) -> list[int]:
     return sorted(iters)
 
 
-def evaluate_checkpoint(path: str | Path, *, difficulties=None, iters=None, n: int | None = None,
+def evaluate_checkpoint(path: str | Path | dict, *, difficulties=None, iters=None, n: int | None = None,
                         device: str | torch.device = "cpu", progress=None, solver: str | None = None,
                         solver_options: dict | None = None) -> dict:
-    """The accuracy grid (difficulty x max_iter) of a checkpoint, as a plain dict (see `write_json`).
+    """The accuracy grid (difficulty x max_iter) of a checkpoint (a path, a shipped model's name, or
+    what load_checkpoint returned), as a plain dict (see `write_json`).
 
     Defaults: the run's test difficulties, `default_iters`, EVAL_N examples per difficulty, and the
     run's forward solver (`solver`, `solver_options`: another, see checkpoint.with_solver).
     `progress(difficulty, max_iter, done, total)` is called before each cell and once at the end
     (difficulty None), with the work done and in all counted in iteration budgets.
     """
-    ckpt = load_checkpoint(path)
+    ckpt = path if isinstance(path, dict) else load_checkpoint(path)  # a dict: already loaded
     model, task = load_model(ckpt, device)
     solve = with_solver(configs(ckpt)[1], solver, solver_options)
     train_cfg = ckpt["train_config"]
@@ -123,7 +124,7 @@ def evaluate_checkpoint(path: str | Path, *, difficulties=None, iters=None, n: i
     if progress is not None:
         progress(None, None, done, total)
     return {
-        "checkpoint": str(path), "task": ckpt["task"], "step": ckpt["step"],
+        "checkpoint": ckpt["path"], "task": ckpt["task"], "step": ckpt["step"],
         "deqloop_version": ckpt["deqloop_version"], "solver": solve.solver,
         "solver_options": solve.solver_options, "tol": solve.tol,
         "train_max_iter": solve.max_iter, "n": n, "difficulties": difficulties, "iters": iters,

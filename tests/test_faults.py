@@ -342,6 +342,7 @@ def test_a_cache_file_from_before_checksums_is_kept_and_upgraded(tmp_path, monke
 # ------------------------------------------------------------------ signals during a sudoku pool build
 
 def _children(pid: int) -> list[int]:
+    """Pids whose parent is `pid`, from /proc (the project runs on Linux: fcntl locks, fork pools)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -353,7 +354,6 @@ def _children(pid: int) -> list[int]:
     return found
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_ends_a_pool_build_at_once_without_orphans(tmp_path, signum):
     # under training's handlers (a first signal means "stop after this step"), as when a run
