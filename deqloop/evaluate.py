@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich import box
 from rich.console import Console
 from rich.table import Table
 from torch import nn
@@ -72,7 +73,7 @@ def evaluate(model: nn.Module, task: Task, solve: SolveConfig, batch: Batch, *, 
             for value, ok in zip(groups[1].tolist(), right.tolist()):
                 by.setdefault(value, [0, 0])[0] += ok
                 by[value][1] += 1
-        for name, values in task.metrics(pred, part).items():
+        for name, values in task.metrics(pred, part, logits).items():
             extra[name] = extra.get(name, 0.0) + float(values.double().sum())
         steps += float(result.n_steps.double().sum())
         converged += int(result.converged.sum())
@@ -136,19 +137,22 @@ def evaluate_checkpoint(path: str | Path | dict, *, difficulties=None, iters=Non
 def print_table(report: dict, console: Console | None = None) -> None:
     """Rows: difficulties; columns: max_iter budgets; each cell accuracy, mean steps, converged."""
     console = console or Console()
+    # Compact on purpose: the default grid (9 budgets) fits 100 columns without truncated headers.
     table = Table(title=f"{report['task']} @ step {report['step']}: exact-match accuracy, "
-                        f"n={report['n']} per difficulty",
-                  caption="below each accuracy: mean solver steps, % of examples converged")
-    table.add_column("difficulty", justify="right")
+                        f"n={report['n']} per difficulty; columns: max_iter",
+                  caption="below each accuracy: mean solver steps, and the % of examples converged "
+                          "where not all did",
+                  box=box.SIMPLE_HEAD, padding=(0, 1))
+    table.add_column("difficulty", justify="right", no_wrap=True)
     for k in report["iters"]:
-        table.add_column(f"max_iter {k}", justify="right")
+        table.add_column(str(k), justify="right")
     by_cell = {(c["difficulty"], c["max_iter"]): c for c in report["cells"]}
     for d in report["difficulties"]:
         row = []
         for k in report["iters"]:
             c = by_cell[(d, k)]
-            row.append(f"{100 * c['acc']:.1f}%\n"
-                       f"[dim]{c['solver_steps']:.1f} st, {100 * c['converged']:.0f}% conv[/dim]")
+            conv = "" if c["converged"] == 1 else f" {100 * c['converged']:.0f}%"
+            row.append(f"{100 * c['acc']:.1f}%\n[dim]{c['solver_steps']:.0f}{conv}[/dim]")
         table.add_row(str(d), *row)
     console.print(table)
     for d in report["difficulties"]:  # the task's second label, at the largest budget

@@ -96,10 +96,12 @@ GRIDS = {
              "metric is exact whole grids"),
     "chess": GridSpec(
         task="chess", norms=("pre", "outer"), train={"steps": 1500, "eval_every": 0, "ckpt_every": 250},
-        iters=(16, 32, 64, 128), eval_n=200, diagnose_difficulties=(1, 3),
+        iters=(16, 32, 64, 128), eval_n=800, diagnose_difficulties=(1, 3),
         diagnose={"n_inputs": 16},
-        note="recall x {pre, outer}, 1500 steps of the default model; budgets to 8x the training "
-             "depth of 16; 200 test positions per mate depth (the test pool holds 201-263)"),
+        note="recall x {pre, outer}, 1500 steps of the default recipe (board-offset attention, the "
+             "pair move head, loss along 16 unrolled iterations: 38% of mates in 1 at 1500 steps in "
+             "the recipe's own run); budgets to 8x the training depth; 800 test puzzles per mate "
+             "depth (the test pool holds 866-2483); mate in 3, never trained on, is the headline"),
 }
 
 

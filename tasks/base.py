@@ -90,8 +90,9 @@ class Task(ABC):
         """Class ids from logits (N, T, C) -> (N, T)."""
         return logits.argmax(-1)
 
-    def metrics(self, pred: Tensor, batch: Batch) -> dict[str, Tensor]:
-        """Per-example metrics beside exact match, each (N,) float; evaluation reports their means."""
+    def metrics(self, pred: Tensor, batch: Batch, logits: Tensor | None = None) -> dict[str, Tensor]:
+        """Per-example metrics beside exact match, each (N,) float; evaluation reports their means.
+        `logits` (N, T, C), when given, allows metrics of another reading of the output."""
         return {}
 
     def exact_match(self, pred: Tensor, batch: Batch) -> Tensor:

@@ -7,15 +7,38 @@ defender reply that escapes refutes the attacker's move, and at the attacker's l
 checking moves can mate). Candidate positions come from self-play games; each game gives at most
 one puzzle per N (positions of one game are near-duplicates) and belongs to one split.
 
-The shipped dataset, tasks/data/chess/puzzles.npz (190 kB, package data), is exactly what this command writes: 14 min
-of one core's CPU time when measured (393 s for the 5000 train games, 428 s for the 350 test games;
-`--workers 2` spreads the games over two processes, same output). Progress goes to stderr.
+Candidate games come from two sources (`--policy`): "greedy" (one side captures greedily and
+mates in one when it can, the other plays random moves: lopsided material, many mates, cheap) and
+"engine" (Stockfish against itself from a random opening, each move drawn from its four best at
+depth 3: positions that look like play; `--prefilter` lets a Stockfish search choose which
+positions to prove, see `puzzles_from_game`). Stockfish is a system package (Debian/Ubuntu:
+`apt-get install stockfish`); only the engine source and `--prefilter` need it.
 
-    OMP_NUM_THREADS=1 .venv/bin/python -m tasks.chess_gen --seed 0 --train-games 5000 --test-games 350 \
-        --out tasks/data/chess/puzzles.npz
+The shipped dataset, tasks/data/chess/puzzles.npz (1.7 MB, package data), is exactly what these
+commands write (`--workers 2` spreads the games over two processes, same output; progress goes
+to stderr):
 
-It holds 3585 mate-in-1 and 3024 mate-in-2 train puzzles (5000 games), and 263 / 202 / 201
-test puzzles of mate in 1 / 2 / 3 (350 games); the npz's `meta` records the command and settings.
+    python -m tasks.chess_gen --seed 0 --train-games 40000 --test-games 0 --out greedy_train.npz
+    python -m tasks.chess_gen --seed 0 --prefilter --train-games 0 --test-games 1500 --out greedy_test.npz
+    python -m tasks.chess_gen --seed 1 --policy engine --prefilter --train-games 7000 --test-games 2000 \
+        --out engine.npz
+    python -m tasks.chess_gen merge --out tasks/data/chess/puzzles.npz greedy_train.npz greedy_test.npz engine.npz
+
+Measured on the 2-core machine (2026-12-01; CPU seconds of the generator and its Stockfish,
+which are not wall seconds: several jobs shared the cores), verified puzzles per CPU-minute:
+
+    source, split (max N)      games   CPU s   mate in 1   mate in 2   mate in 3
+    greedy, train (2)          40000    2831       604         522          -
+    greedy + prefilter, test (3) 1500    358       181         122         56
+    engine + prefilter, train (2) 7000   858       344         220          -
+    engine + prefilter, test (3)  2000   873        97          69         37
+
+After `merge` (a position once per split; a train position that is also a test position is
+dropped): train 33,392 mate-in-1 and 27,762 mate-in-2 puzzles (of them 4,912 and 3,148 from engine
+games); test 2,483 / 1,737 / 866 of mate in 1 / 2 / 3 (1,406 / 1,009 / 533 from engine games).
+`bench/chess_dataset.py` prints the piece-count and material spread of each part: greedy puzzles
+have the mover about 28 points of material ahead, engine ones about 10, human ones (split
+"human" of tasks.chess) 3 behind. Each npz's `meta` records its commands and settings.
 
 Game g of split s is played from np.random.default_rng([seed, s, g]) (s = 0 train, 1 test), so the
 output does not depend on interruptions or on the number of workers. Each finished game is
@@ -30,6 +53,8 @@ import argparse
 import json
 import multiprocessing
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -300,17 +325,23 @@ def _greedy_move(board: chess.Board, rng: np.random.Generator) -> chess.Move:
     return best[rng.integers(len(best))]
 
 
-POLICIES = ("greedy", "random")
+POLICIES = ("greedy", "random", "engine")
 
 
-def play_game(rng: np.random.Generator, policy: str = "greedy") -> list[chess.Board]:
+def play_game(rng: np.random.Generator, policy: str = "greedy",
+              engine: Stockfish | None = None) -> list[chess.Board]:
     """The positions (before each move) of one self-play game of at most MAX_PLIES plies.
 
     "random": both sides play uniformly random legal moves. "greedy": one side, drawn at random,
     plays `_greedy_move` against a random side; lopsided material makes mates frequent.
+    "engine": Stockfish against itself (`_engine_game`); needs `engine`.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+    if policy == "engine":
+        if engine is None:
+            raise ValueError("the engine policy needs a Stockfish instance")
+        return _engine_game(rng, engine)
     greedy_color = bool(rng.integers(2))
     board = chess.Board()
     positions = []
@@ -321,6 +352,156 @@ def play_game(rng: np.random.Generator, policy: str = "greedy") -> list[chess.Bo
         else:
             moves = list(board.generate_legal_moves())
             move = moves[rng.integers(len(moves))]
+        board.push(move)
+    return positions
+
+
+# ------------------------------------------------------------------ engine games (Stockfish, UCI)
+
+# Settings of the "engine" source; changing one changes the games, so it bumps FORMAT_VERSION.
+ENGINE_DEPTH = 3  # plies Stockfish searches for each game move
+ENGINE_MULTIPV = 4  # moves it scores; the game move is drawn from these
+ENGINE_TEMPERATURE = 100.0  # centipawns; each side's own temperature is this times U(0.25, 2)
+OPENING_PLIES = (2, 8)  # uniformly random legal moves first (inclusive range), so games differ
+# Plies of the Stockfish search that picks the positions worth a proof, for mates within N:
+# 2N + 2. On 20 engine games it flagged every mate in 1 and 2 that a depth-8 search did, and
+# 83% of the mates in 3, at 0.7 ms a position against 3.2 ms at depth 8.
+def prefilter_depth(max_n: int) -> int:
+    return 2 * max_n + 2
+MATE_CP = 100_000  # a mate in k scores MATE_CP - 100 k centipawns (sooner is better)
+
+
+class EngineError(Exception):
+    """Stockfish is missing or stopped answering; one-line message."""
+
+
+def stockfish_path() -> str:
+    """$DEQLOOP_STOCKFISH, else `stockfish` on PATH, else Debian's /usr/games/stockfish."""
+    path = os.environ.get("DEQLOOP_STOCKFISH") or shutil.which("stockfish")
+    if path is None and os.access("/usr/games/stockfish", os.X_OK):
+        path = "/usr/games/stockfish"
+    if path is None:
+        raise EngineError("the engine source needs Stockfish: install it (Debian/Ubuntu: apt-get install "
+                          "stockfish) or point DEQLOOP_STOCKFISH at the binary")
+    return path
+
+
+class Stockfish:
+    """One Stockfish process spoken to over UCI through pipes: fixed-depth multi-PV analysis.
+
+    Deterministic: one search thread, and `new_game` clears the hash and history tables, so a game
+    played after `new_game` does not depend on what the process searched before. Raw UCI instead of
+    python-chess's `chess.engine`: measured side by side on the same 80 positions x 3 (depth 3,
+    multi-PV 4, the game moves' search, with the cores shared), 18.0 ms a call through
+    chess.engine against 7.3 ms here (2.5x), and game moves are most of a game's time.
+    """
+
+    def __init__(self, path: str | None = None):
+        self.path = path or stockfish_path()
+        try:
+            self._proc = subprocess.Popen([self.path], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, text=True, bufsize=1)
+        except OSError as e:
+            raise EngineError(f"cannot start Stockfish at {self.path}: {e.strerror}") from None
+        self._send("uci")
+        self._until("uciok")
+        self._send("setoption name Threads value 1")
+        self._send("setoption name Hash value 16")
+        self._multipv = None
+        self.new_game()
+
+    def _send(self, line: str) -> None:
+        try:
+            self._proc.stdin.write(line + "\n")
+            self._proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            raise EngineError(f"Stockfish at {self.path} stopped (exit code {self._proc.poll()})") from None
+
+    def _until(self, token: str) -> list[str]:
+        lines = []
+        while True:
+            line = self._proc.stdout.readline()
+            if not line:
+                raise EngineError(f"Stockfish at {self.path} stopped (exit code {self._proc.poll()})")
+            lines.append(line)
+            if line.startswith(token):
+                return lines
+
+    def new_game(self) -> None:
+        self._send("ucinewgame")
+        self._send("isready")
+        self._until("readyok")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU time of the engine process so far (Linux /proc; 0.0 elsewhere)."""
+        try:
+            fields = Path(f"/proc/{self._proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return 0.0
+
+    def analyse(self, board: chess.Board, depth: int, multipv: int = 1) -> list[tuple[chess.Move, int, int | None]]:
+        """The engine's best `multipv` moves, best first: (move, centipawns, mate) for the side to move.
+
+        `mate` is k when the move mates in k moves, -k when the mover is mated in k, else None;
+        centipawns of a mate are +-(MATE_CP - 100 |k|). Empty when the game is over.
+        """
+        if multipv != self._multipv:
+            self._send(f"setoption name MultiPV value {multipv}")
+            self._multipv = multipv
+        self._send(f"position fen {board.fen()}")
+        self._send(f"go depth {depth}")
+        lines = {}
+        for line in self._until("bestmove"):
+            words = line.split()
+            if words[0] != "info" or "pv" not in words or "score" not in words:
+                continue
+            rank = int(words[words.index("multipv") + 1]) if "multipv" in words else 1
+            i = words.index("score")
+            kind, value = words[i + 1], int(words[i + 2])
+            mate = value if kind == "mate" else None
+            cp = value if mate is None else (MATE_CP - 100 * abs(mate)) * (1 if mate > 0 else -1)
+            lines[rank] = (chess.Move.from_uci(words[words.index("pv") + 1]), cp, mate)
+        return [lines[rank] for rank in sorted(lines)]
+
+    def close(self) -> None:
+        if self._proc.poll() is None:
+            try:
+                self._send("quit")
+                self._proc.wait(timeout=5)
+            except (EngineError, subprocess.TimeoutExpired):
+                self._proc.kill()
+
+    def __enter__(self) -> Stockfish:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _engine_game(rng: np.random.Generator, engine: Stockfish) -> list[chess.Board]:
+    """Stockfish against itself from a random opening; each move drawn from its top moves.
+
+    After OPENING_PLIES random legal moves, each side picks among Stockfish's ENGINE_MULTIPV best
+    moves at ENGINE_DEPTH with probability proportional to exp(score / T), T its own temperature
+    (drawn per game, so one side is often the stronger); the errors this makes decide most games
+    by mate, and positions look like play, not like random moves.
+    """
+    engine.new_game()
+    opening = int(rng.integers(OPENING_PLIES[0], OPENING_PLIES[1] + 1))
+    temperature = ENGINE_TEMPERATURE * rng.uniform(0.25, 2.0, size=2)  # [black, white]
+    board = chess.Board()
+    positions = []
+    while not board.is_game_over() and board.ply() < MAX_PLIES:
+        positions.append(board.copy(stack=False))
+        if board.ply() < opening:
+            moves = list(board.generate_legal_moves())
+            move = moves[rng.integers(len(moves))]
+        else:
+            lines = engine.analyse(board, ENGINE_DEPTH, ENGINE_MULTIPV)
+            scores = np.array([cp for _, cp, _ in lines], dtype=np.float64)
+            p = np.exp((scores - scores.max()) / temperature[int(board.turn)])
+            move = lines[rng.choice(len(lines), p=p / p.sum())][0]
         board.push(move)
     return positions
 
@@ -336,21 +517,33 @@ class Puzzle:
 
 
 def puzzles_from_game(positions: list[chess.Board], game: int, max_n: int,
-                      max_nodes: int | None = DEFAULT_MAX_NODES) -> tuple[list[Puzzle], dict]:
+                      max_nodes: int | None = DEFAULT_MAX_NODES,
+                      prefilter: Stockfish | None = None) -> tuple[list[Puzzle], dict]:
     """At most one puzzle per N <= max_n from one game, scanning from its last position backwards.
 
     Positions are skipped when their key is not unique, is an under-promotion (the task's output
     has no promotion piece: a pawn reaching the last rank becomes a queen), their halfmove clock is
-    near the 75-move draw, or their search exceeds `max_nodes`. Returns the puzzles and counts.
+    near the 75-move draw, or their search exceeds `max_nodes`. With `prefilter`, a Stockfish
+    search of prefilter_depth(max_n) plies first picks the positions where it sees a mate within the N
+    still wanted, and only those are searched exhaustively: the engine decides which positions
+    are proved, never a label (a mate it misses costs a candidate, not a wrong puzzle).
+    Returns the puzzles and counts.
     """
     wanted = set(range(1, max_n + 1))
     found, stats = [], {"searched": 0, "over_budget": 0}
+    if prefilter is not None:
+        stats["prefiltered"] = 0
     for ply in range(len(positions) - 1, -1, -1):
         if not wanted:
             break
         board = positions[ply]
         if board.halfmove_clock > MAX_HALFMOVE_CLOCK:
             continue
+        if prefilter is not None:
+            stats["prefiltered"] += 1
+            lines = prefilter.analyse(board, prefilter_depth(max_n))
+            if not lines or lines[0][2] is None or not 0 < lines[0][2] <= max(wanted):
+                continue
         stats["searched"] += 1
         try:
             n, keys = find_mate(board, max(wanted), max_nodes=max_nodes)
@@ -374,6 +567,7 @@ class GenConfig:
     test_max_n: int = 3
     policy: str = "greedy"
     max_nodes: int = DEFAULT_MAX_NODES
+    prefilter: bool = False  # Stockfish picks the positions to prove (puzzles_from_game)
     version: int = FORMAT_VERSION
 
     def games(self, split: str) -> int:
@@ -383,14 +577,34 @@ class GenConfig:
         return self.train_max_n if split == "train" else self.test_max_n
 
 
+_ENGINE: Stockfish | None = None  # this process's Stockfish, started at its first engine game
+
+
+def _engine() -> Stockfish:
+    global _ENGINE
+    path = stockfish_path()
+    if _ENGINE is None or _ENGINE._proc.poll() is not None or _ENGINE.path != path:
+        if _ENGINE is not None:
+            _ENGINE.close()
+        _ENGINE = Stockfish(path)
+    return _ENGINE
+
+
 def run_game(cfg: GenConfig, split: str, game: int) -> dict:
-    """One game's log record: its puzzles, search counts, and the CPU seconds it took."""
-    t_cpu = time.process_time()
+    """One game's log record: its puzzles, search counts, and the CPU seconds it took.
+
+    `cpu_s` counts this process and, for games that use Stockfish, the engine's process too.
+    """
+    needs_engine = cfg.policy == "engine" or cfg.prefilter
+    engine = _engine() if needs_engine else None
+    t_cpu, t_engine = time.process_time(), engine.cpu_seconds() if engine else 0.0
     rng = np.random.default_rng([cfg.seed, SPLITS.index(split), game])
-    positions = play_game(rng, cfg.policy)
-    puzzles, stats = puzzles_from_game(positions, game, cfg.max_n(split), cfg.max_nodes)
+    positions = play_game(rng, cfg.policy, engine)
+    puzzles, stats = puzzles_from_game(positions, game, cfg.max_n(split), cfg.max_nodes,
+                                       engine if cfg.prefilter else None)
+    cpu = time.process_time() - t_cpu + (engine.cpu_seconds() - t_engine if engine else 0.0)
     return {"split": split, "game": game, "plies": len(positions), **stats,
-            "cpu_s": round(time.process_time() - t_cpu, 4), "puzzles": [asdict(p) for p in puzzles]}
+            "cpu_s": round(cpu, 4), "puzzles": [asdict(p) for p in puzzles]}
 
 
 def _run_game_args(args: tuple) -> dict:
@@ -413,9 +627,10 @@ def read_log(path: Path, cfg: GenConfig) -> list[dict]:
     except (ValueError, KeyError, TypeError):
         raise GeneratorError(f"{path} is not a chess generator log; move it away or pass another --log") from None
     fixed = {k: v for k, v in asdict(cfg).items() if k not in ("train_games", "test_games")}
-    for key, value in fixed.items():
-        if header.get(key) != value:
-            raise GeneratorError(f"{path} was written with {key}={header.get(key)!r}, not {value!r}; "
+    defaults = asdict(GenConfig())
+    for key, value in fixed.items():  # a field newer than the log: the log ran with its default
+        if header.get(key, defaults[key]) != value:
+            raise GeneratorError(f"{path} was written with {key}={header.get(key, defaults[key])!r}, not {value!r}; "
                                  "resume with the same settings or pass another --log")
     records = []
     for i, line in enumerate(lines[1:], start=2):
@@ -458,13 +673,46 @@ def pack(records: list[dict], cfg: GenConfig) -> dict[str, np.ndarray]:
         "game": np.array([p["game"] for _, p in kept], dtype=np.int32),
         "ply": np.array([p["ply"] for _, p in kept], dtype=np.int16),
         "split": np.array([s for s, _ in kept], dtype=np.int8),  # 0 train, 1 test
+        "source": np.array([cfg.policy] * len(kept), dtype="S8"),  # the games' policy
         "meta": np.array(json.dumps(meta, sort_keys=True)),
     }
 
 
+FIELDS = ("fen", "key", "n", "depth", "game", "ply", "split", "source")
+
+
+def merge(parts: list[dict[str, np.ndarray]], commands: list[str]) -> dict[str, np.ndarray]:
+    """One dataset from several generator outputs (e.g. one per policy), under the same rules as `pack`.
+
+    Rows are ordered by (split, game, source, n), so the first puzzles of a test pool mix the
+    sources; a position is kept once per split, and a train position that is also a test
+    position is dropped. Games of different sources are different games (`source` tells them
+    apart). `meta` keeps each part's meta and the merge command.
+    """
+    rows = []
+    for part in parts:
+        sources = part["source"] if "source" in part else np.full(len(part["fen"]), b"greedy")
+        for i in range(len(part["fen"])):
+            rows.append({k: (sources[i] if k == "source" else part[k][i]) for k in FIELDS})
+    rows.sort(key=lambda r: (int(r["split"]), int(r["game"]), bytes(r["source"]), int(r["n"])))
+    test_positions = {canonical(r["fen"].decode()) for r in rows if r["split"] == 1}
+    kept, seen = [], set()
+    for r in rows:
+        pos = canonical(r["fen"].decode())
+        if (int(r["split"]), pos) in seen or (r["split"] == 0 and pos in test_positions):
+            continue
+        seen.add((int(r["split"]), pos))
+        kept.append(r)
+    out = {k: np.array([r[k] for r in kept], dtype=parts[0][k].dtype if k in parts[0] else "S8") for k in FIELDS}
+    meta = {"parts": [json.loads(str(part["meta"])) for part in parts],
+            "command": "python -m tasks.chess_gen merge " + " ".join(commands)}
+    out["meta"] = np.array(json.dumps(meta, sort_keys=True))
+    return out
+
+
 def cli_args(cfg: GenConfig) -> list[str]:
     defaults = GenConfig()
-    return [f"--{k.replace('_', '-')}={v}" for k, v in asdict(cfg).items()
+    return [f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f"={v}") for k, v in asdict(cfg).items()
             if k != "version" and (k in ("seed", "train_games", "test_games") or v != getattr(defaults, k))]
 
 
@@ -547,25 +795,58 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m tasks.chess_gen", description=__doc__.split("\n")[0])
     defaults = GenConfig()
     for name, value in asdict(defaults).items():
-        if name != "version":
+        if name == "prefilter":
+            p.add_argument("--prefilter", action="store_true",
+                           help="Stockfish picks the positions to prove (much faster; labels are still proved)")
+        elif name != "version":
             p.add_argument("--" + name.replace("_", "-"), type=type(value), default=value,
                            **({"choices": POLICIES} if name == "policy" else {}))
     # the current directory, never the installed package (the shipped file: --out tasks/data/chess/puzzles.npz)
     p.add_argument("--out", type=Path, default=Path("puzzles.npz"), help="output .npz (default: ./puzzles.npz)")
     p.add_argument("--log", type=Path, help="resume log (default: <cache dir>/chess_gen/<out name>.log.jsonl)")
     p.add_argument("--workers", type=int, default=1, help="processes (the output does not depend on it)")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
     args = p.parse_args(argv)
     cfg = GenConfig(**{k: getattr(args, k) for k in asdict(defaults) if k != "version"})
     log = args.log or cache_dir() / "chess_gen" / (args.out.name + ".log.jsonl")
     try:
         summary = generate(cfg, args.out, log, workers=max(1, args.workers))
-    except GeneratorError as e:
+    except (GeneratorError, EngineError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"interrupted; run the same command again to resume from {log}", file=sys.stderr)
         return 130
     print(json.dumps(summary))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def merge_main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m tasks.chess_gen merge",
+                                description="one dataset from several generator outputs (see `merge`)")
+    p.add_argument("--out", type=Path, required=True, help="output .npz")
+    p.add_argument("parts", type=Path, nargs="+", help="generator outputs (.npz)")
+    args = p.parse_args(argv)
+    parts = []
+    for path in args.parts:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                parts.append({k: data[k] for k in data.files})
+        except (OSError, ValueError) as e:
+            print(f"error: cannot read {path} ({type(e).__name__}: {e})", file=sys.stderr)
+            return 2
+        missing = [k for k in FIELDS + ("meta",) if k not in parts[-1] and k != "source"]
+        if missing:
+            print(f"error: {path} is not a chess_gen output (no {', '.join(missing)})", file=sys.stderr)
+            return 2
+    arrays = merge(parts, [f"--out {args.out}"] + [str(p) for p in args.parts])
+    write_npz(args.out, arrays)
+    counts = {split: {int(n): int(((arrays["split"] == s) & (arrays["n"] == n)).sum()) for n in np.unique(arrays["n"])}
+              for s, split in enumerate(SPLITS)}
+    print(json.dumps({"kept": counts}))
     print(f"wrote {args.out}")
     return 0
 

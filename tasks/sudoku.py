@@ -516,7 +516,7 @@ class Sudoku(Task):
         """Argmax on blank cells; givens are copied from the input (as class digit - 1)."""
         return torch.where(inputs > 0, inputs - 1, logits.argmax(-1))
 
-    def metrics(self, pred: Tensor, batch: Batch) -> dict[str, Tensor]:
+    def metrics(self, pred: Tensor, batch: Batch, logits: Tensor | None = None) -> dict[str, Tensor]:
         """cell_acc: fraction of blank cells right; valid: the grid obeys the rules and keeps the givens."""
         blanks = batch.inputs == 0
         right = ((pred == batch.targets) & blanks).sum(1)

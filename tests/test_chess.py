@@ -1,5 +1,6 @@
 """Chess: labels verified by a naive exhaustive search, tokens round-trip, bad input fails cleanly, a model learns."""
 
+import json
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -12,7 +13,8 @@ import torch
 from deqloop import cli
 import tasks.chess_gen as gen
 from tasks import Batch, TaskInputError, get_task
-from tasks.chess import FROM, TO, decode_board, encode, move_of, oriented, squares, target_of
+from tasks.chess import (FROM, TO, Chess, decode_board, encode, encode_fen, mirror_files, mirrorable, move_of, oriented,
+                         squares, target_of)
 from tests._training import fit_fixed_batch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,15 +147,20 @@ def test_shipped_dataset_sizes_and_splits():
     data = shipped()
     split, n, game = data["split"], data["n"], data["game"]
     counts = {(s, k): int(((split == s) & (n == k)).sum()) for s in (0, 1) for k in (1, 2, 3)}
-    assert counts[0, 1] >= 2000 and counts[0, 2] >= 2000
-    assert min(counts[1, 1], counts[1, 2]) >= 200 and counts[1, 3] >= 100
-    for s in (0, 1):  # at most one puzzle per game and N
-        pairs = list(zip(game[split == s].tolist(), n[split == s].tolist()))
+    assert counts[0, 1] >= 30000 and counts[0, 2] >= 25000
+    assert min(counts[1, 1], counts[1, 2]) >= 1500 and counts[1, 3] >= 800
+    for s, k in ((0, 1), (0, 2), (1, 1), (1, 2), (1, 3)):  # both sources in every part
+        assert {b"greedy", b"engine"} <= set(data["source"][(split == s) & (n == k)].tolist())
+    source = data["source"]
+    for s in (0, 1):  # at most one puzzle per game and N (games of different sources are different games)
+        pairs = list(zip(source[split == s].tolist(), game[split == s].tolist(), n[split == s].tolist()))
         assert len(pairs) == len(set(pairs))
-    positions = {s: {gen.canonical(f.decode()) for f in data["fen"][split == s]} for s in (0, 1)}
-    assert not positions[0] & positions[1]  # games are split by construction; positions too
+    tokens = {s: {encode_fen(f.decode()).tobytes() for f in data["fen"][split == s]} for s in (0, 1)}
+    assert not tokens[0] & tokens[1]  # games are split by construction; positions too
     assert list(TASK.puzzles("test", 3).fen) == [f.decode() for f in data["fen"][(split == 1) & (n == 3)]]
-    assert "--seed=0" in str(data["meta"])  # the regeneration command is recorded
+    meta = json.loads(str(data["meta"]))  # the regeneration commands are recorded
+    assert [part["config"]["policy"] for part in meta["parts"]] == ["greedy", "greedy", "engine"]
+    assert all("--seed=" in part["command"] for part in meta["parts"])
 
 
 # ------------------------------------------------------------------------------------- encoding
@@ -166,6 +173,18 @@ SPECIAL = [
     "rnbqkbnr/pppp1ppp/8/4p3/4P3/8/PPPP1PPP/RNBQKBNR w KQkq e6 0 2",  # ep square, no capture: dropped
     "8/P6k/8/8/8/8/6Kp/8 b - - 0 60",  # promotions both ways
 ]
+
+
+def test_fast_fen_reader_matches_python_chess():
+    """encode_fen on the generator's FENs: every one with castling or en passant, and a sample."""
+    fens = [f.decode() for f in shipped()["fen"]]
+    special = [f for f in fens if f.split()[2] != "-" or f.split()[3] != "-"]
+    sample = [fens[i] for i in np.random.default_rng(0).choice(len(fens), 1500, replace=False)]
+    assert len(special) > 1000
+    for fen in special[::4] + sample + [chess.Board(f).fen() for f in SPECIAL]:
+        assert np.array_equal(encode_fen(fen), encode(chess.Board(fen))), fen
+    with pytest.raises(ValueError, match="8 squares"):
+        encode_fen("9/8/8/8/8/8/8/8 w - - 0 1")
 
 
 def test_encode_decode_round_trip():
@@ -333,3 +352,148 @@ def test_generator_cli_and_cli_solve(tmp_path, capsys):
     assert cli.main(["solve", str(run_dir / "checkpoint.pt"), "8/8/8 w"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: malformed FEN") and len(err.splitlines()) == 1
+
+
+# ------------------------------------------------------------------ augmentation, second reading, human set
+
+def test_file_mirror_keeps_the_rules_and_moves_the_key():
+    """A mirrored training position is the file-mirrored board, and its mirrored key is its unique mate."""
+    pool = TASK.puzzles("train", 1)
+    rows = np.flatnonzero(mirrorable(pool.inputs).numpy())[:8]
+    assert len(rows) == 8
+    for row in rows:
+        board = decode_board(pool.inputs[row].tolist())
+        flipped = decode_board(mirror_files(pool.inputs[row][None])[0].tolist())
+        assert flipped.board_fen() == board.transform(chess.flip_horizontal).board_fen()
+        (f,), (t,) = (x.tolist() for x in squares(mirror_files(pool.targets[row][None])))
+        n, keys = gen.find_mate(flipped, 1)
+        assert (n, keys) == (1, [move_of(flipped, f, t)])
+    castling = decode_board(encode(chess.Board()).tolist())  # the start position keeps its rights
+    assert not mirrorable(torch.from_numpy(encode(castling))[None]).item()
+
+
+def test_training_batches_mirror_about_half_of_the_mirrorable_positions():
+    rng = np.random.default_rng(3)
+    batch = TASK.generate(4000, 2, rng)
+    again = TASK.generate(4000, 2, np.random.default_rng(3))
+    assert torch.equal(batch.inputs, again.inputs) and torch.equal(batch.targets, again.targets)  # seeded
+    pool = TASK.puzzles("train", 2)
+    rows = np.random.default_rng(3).integers(0, len(pool), 4000)
+    original, mirrored = pool.inputs[rows], mirror_files(pool.inputs[rows])
+    same = (batch.inputs == original).all(1)
+    flipped = (batch.inputs == mirrored).all(1) & ~same
+    assert bool((same | flipped).all())
+    assert not flipped[~mirrorable(original)].any()  # castling positions are never mirrored
+    share = float(flipped.sum()) / float((mirrorable(original) & ~(original == mirrored).all(1)).sum())
+    assert 0.45 < share < 0.55, share
+    plain = Chess()
+    plain.mirror_files = False
+    assert torch.equal(plain.generate(50, 2, np.random.default_rng(3)).inputs, pool.inputs[rows[:50]])
+    test = TASK.generate(50, 2, np.random.default_rng(3), "test")  # test puzzles are never changed
+    assert torch.equal(test.inputs, TASK.puzzles("test", 2).inputs[:50])
+
+
+def test_legal_reading_picks_the_best_legal_move():
+    board = chess.Board("6k1/5ppp/8/8/8/8/5PPP/3R2K1 w - - 0 1")  # Rd8# is the key
+    batch = Batch(torch.from_numpy(encode(board))[None], torch.from_numpy(target_of(chess.Move.from_uci("d1d8"),
+                                                                                   board.turn))[None],
+                  torch.tensor([1]))
+    logits = torch.zeros(1, 64, 2)
+    logits[0, chess.D1, 0], logits[0, chess.D8, 1] = 5.0, 4.0  # the key ...
+    logits[0, chess.A2, 0], logits[0, chess.A7, 1] = 6.0, 6.0  # ... behind an illegal raw argmax (a2 empty)
+    pred = TASK.predict(logits, batch.inputs)
+    m = TASK.metrics(pred, batch, logits)
+    assert m["legal"].item() == 0.0 and not TASK.exact_match(pred, batch).any()  # the raw metric stays raw
+    assert m["key_legal"].item() == 1.0
+    logits[0, chess.G1, 0], logits[0, chess.H1, 1] = 7.0, 7.0  # Kh1 is legal and now scores higher
+    assert TASK.metrics(TASK.predict(logits, batch.inputs), batch, logits)["key_legal"].item() == 0.0
+    assert "key_legal" not in TASK.metrics(pred, batch)
+
+
+def test_human_puzzles_are_proved_and_held_out():
+    """The human-game set: labels re-proved (naive search for mate in 1, find_mate beyond), never in the dataset."""
+    generated = {encode_fen(f.decode()).tobytes() for f in shipped()["fen"]}
+    for n in (1, 2, 3):
+        pool = TASK.puzzles("human", n)
+        assert len(pool) >= 300
+        assert not {row.numpy().tobytes() for row in pool.inputs} & generated  # as the tokens see them
+        for fen, key in zip(pool.fen[::max(1, len(pool) // 4)], pool.key[::max(1, len(pool) // 4)]):
+            board = chess.Board(fen)
+            if n == 1:
+                assert naive_classify(board, 1) == (1, {key}), fen
+            else:
+                found, keys = gen.find_mate(board, n)
+                assert (found, [m.uci() for m in keys]) == (n, [key]), fen
+    batch = TASK.generate(10, 2, np.random.default_rng(0), "human")
+    assert torch.equal(batch.inputs, TASK.puzzles("human", 2).inputs[:10])
+    with pytest.raises(TaskInputError, match="human pool of mate in 3 holds"):
+        TASK.generate(10**6, 3, np.random.default_rng(0), "human")
+
+
+# ------------------------------------------------------------------ the engine source (Stockfish)
+
+def test_engine_games_are_seeded_and_deterministic():
+    with gen.Stockfish() as a, gen.Stockfish() as b:
+        one = gen.play_game(np.random.default_rng([7, 0]), "engine", a)
+        gen.play_game(np.random.default_rng([8, 0]), "engine", b)  # b searched something else first
+        two = gen.play_game(np.random.default_rng([7, 0]), "engine", b)
+        assert [p.fen() for p in one] == [p.fen() for p in two]
+        other = gen.play_game(np.random.default_rng([9, 0]), "engine", a)
+        assert [p.fen() for p in other] != [p.fen() for p in one]
+        lines = a.analyse(chess.Board("6k1/5ppp/8/8/8/8/5PPP/3R2K1 w - - 0 1"), 6, multipv=3)
+        assert lines[0][0] == chess.Move.from_uci("d1d8") and lines[0][2] == 1 and len(lines) == 3
+        assert a.analyse(chess.Board("6k1/5ppp/8/8/8/8/5PPP/3R2K1 b - - 0 1"), 6, multipv=1)[0][2] is None
+
+
+def test_prefilter_only_chooses_what_to_prove(tmp_path):
+    """With the Stockfish prefilter, every puzzle is still proved by the exhaustive search."""
+    cfg = gen.GenConfig(seed=3, train_games=4, test_games=2, policy="engine", prefilter=True)
+    summary = gen.generate(cfg, tmp_path / "e.npz", tmp_path / "e.log", progress=False)
+    assert summary["games"] == 6 and sum(summary["found"]["train"].values()) >= 2
+    with np.load(tmp_path / "e.npz") as data:
+        assert set(data["source"].tolist()) == {b"engine"}
+        for fen, key, n in zip(data["fen"], data["key"], data["n"]):
+            found, keys = gen.find_mate(chess.Board(fen.decode()), int(n))
+            assert (found, [m.uci() for m in keys]) == (int(n), [key.decode()])
+    records = [json.loads(line) for line in (tmp_path / "e.log").read_text().splitlines()[1:]]
+    assert all(r["prefiltered"] >= r["searched"] for r in records)
+
+
+def test_missing_stockfish_is_one_line(monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("DEQLOOP_STOCKFISH", str(tmp_path / "no-such-engine"))
+    with pytest.raises(gen.EngineError, match="cannot start Stockfish"):
+        gen.Stockfish()
+    assert gen.main(["--policy", "engine", "--train-games", "1", "--test-games", "0",
+                     "--out", str(tmp_path / "x.npz"), "--log", str(tmp_path / "x.log")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot start Stockfish") and len(err.strip().splitlines()) == 1
+
+
+def test_merge_keeps_the_split_rules(tmp_path):
+    greedy = gen.GenConfig(seed=5, train_games=3, test_games=1, test_max_n=2)
+    gen.generate(greedy, tmp_path / "g.npz", tmp_path / "g.log", progress=False)
+    with np.load(tmp_path / "g.npz") as data:
+        g = {k: data[k] for k in data.files}
+    twin = dict(g, source=np.full(len(g["fen"]), b"engine"))  # the same positions from "another source"
+    merged = gen.merge([g, twin], ["x"])
+    assert len(merged["fen"]) == len(g["fen"])  # a position is kept once per split
+    order = [(int(s), int(gm), k) for s, gm, k in zip(merged["split"], merged["game"], merged["source"])]
+    assert order == sorted(order)
+    assert "parts" in json.loads(str(merged["meta"]))
+    test_fen = g["fen"][g["split"] == 1][0]
+    leak = {k: v[:1].copy() for k, v in g.items() if k != "meta"}
+    leak.update(fen=np.array([test_fen]), split=np.array([0], dtype=np.int8), meta=g["meta"])
+    assert test_fen not in gen.merge([g, leak], ["x"])["fen"][gen.merge([g, leak], ["x"])["split"] == 0]
+    out = tmp_path / "m.npz"
+    assert gen.main(["merge", "--out", str(out), str(tmp_path / "g.npz"), str(tmp_path / "g.npz")]) == 0
+    assert Chess(out).puzzles("test", int(g["n"][g["split"] == 1][0])).source[0] == "greedy"
+
+
+def test_log_without_a_newer_field_still_resumes(tmp_path):
+    cfg = gen.GenConfig(seed=5, train_games=1, test_games=0)
+    log = tmp_path / "old.log"
+    header = {k: v for k, v in gen.asdict(cfg).items() if k != "prefilter"}  # written before prefilter existed
+    log.write_text(json.dumps({"config": header}) + "\n")
+    assert gen.read_log(log, cfg) == []
+    with pytest.raises(gen.GeneratorError, match="prefilter=False, not True"):
+        gen.read_log(log, replace(cfg, prefilter=True))

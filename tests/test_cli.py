@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from rich.console import Console
 
 ROOT = Path(__file__).resolve().parents[1]
 from deqloop import cli
 from deqloop.checkpoint import load_checkpoint
+from deqloop.evaluate import print_table
 from deqloop.model import ModelConfig, SolveConfig
 from deqloop.train import TrainConfig
 from tasks import get_task
@@ -149,7 +151,7 @@ def test_eval_writes_json_and_png(capsys, ckpt, tmp_path):
     code, out, err = run(capsys, "eval", ckpt, "--iters", "2,4", "--n", "6", "--json", tmp_path / "e.json",
                          "--plot", tmp_path / "e.png", "--device", "cpu")
     assert code == 0, err
-    assert "max_iter 4" in out and "difficulty" in out
+    assert "max_iter" in out and "difficulty" in out
     report = json.loads((tmp_path / "e.json").read_text())
     assert report["iters"] == [2, 4] and report["difficulties"] == [8, 12] and report["n"] == 6
     cells = {(c["difficulty"], c["max_iter"]): c for c in report["cells"]}
@@ -157,6 +159,20 @@ def test_eval_writes_json_and_png(capsys, ckpt, tmp_path):
     assert all(0 <= c["acc"] <= 1 and 0 <= c["converged"] <= 1 and 1 <= c["solver_steps"] <= c["max_iter"]
                for c in cells.values())
     assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_table_fits_100_columns():
+    """Nine budgets (the default grid's size), three difficulties: no header cut, no line over 100."""
+    iters = [20, 40, 80, 160, 320, 512, 1024, 2048, 4096]
+    cells = [{"difficulty": d, "max_iter": k, "acc": 0.999, "solver_steps": 4000.0, "converged": 0.875}
+             for d in (32, 256, 4096) for k in iters]
+    report = {"task": "prefix_sums", "step": 3000, "n": 128, "difficulties": [32, 256, 4096], "iters": iters,
+              "cells": cells}
+    console = Console(width=100, record=True, force_terminal=False)
+    print_table(report, console)
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 100
+    assert "…" not in text and all(str(k) in text for k in iters) and "99.9%" in text and "88%" in text
 
 
 def test_eval_default_budgets_and_paths(capsys, ckpt):
