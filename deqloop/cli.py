@@ -405,7 +405,8 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--iters", type=int_list, metavar="N,N,..",
                    help="comma-separated max_iter budgets (default: the training max_iter doubled up to 8x, "
                         "plus the task's budget per difficulty)")
-    p.add_argument("--n", type=positive_int, help=f"test examples per difficulty (default: {EVAL_N})")
+    p.add_argument("--n-inputs", "--n", dest="n", type=positive_int, metavar="N",
+                   help=f"test examples per difficulty (default: {EVAL_N}); --n is the old spelling")
     p.add_argument("--json", metavar="PATH",
                    help="write every number here (default: eval.json beside the checkpoint)")
     p.add_argument("--plot", metavar="PATH", help="write the plot here (default: eval.png beside the checkpoint)")
@@ -511,8 +512,9 @@ def add_diagnose(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", help="a checkpoint.pt written by train")
     p.add_argument("--difficulty", "--difficulties", dest="difficulties", type=difficulty_list, metavar="N,N,..",
                    help="comma-separated (default: the run's test difficulties)")
-    p.add_argument("--n-inputs", type=positive_int, default=default(DiagnoseSettings, "n_inputs"), metavar="N",
-                   help="test inputs per difficulty, at least 2 (default: %(default)s)")
+    p.add_argument("--n-inputs", "--n", dest="n_inputs", type=positive_int,
+                   default=default(DiagnoseSettings, "n_inputs"), metavar="N",
+                   help="test inputs per difficulty, at least 2 (default: %(default)s; --n, as in eval)")
     p.add_argument("--n-starts", type=non_negative_int, default=default(DiagnoseSettings, "n_starts"), metavar="N",
                    help="seeded random starts per input besides the model's z0 (default: %(default)s)")
     p.add_argument("--n-geometry", type=positive_int, default=default(DiagnoseSettings, "n_geometry"), metavar="N",

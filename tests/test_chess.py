@@ -497,3 +497,20 @@ def test_log_without_a_newer_field_still_resumes(tmp_path):
     assert gen.read_log(log, cfg) == []
     with pytest.raises(gen.GeneratorError, match="prefilter=False, not True"):
         gen.read_log(log, replace(cfg, prefilter=True))
+
+
+def test_pair_term_scores_moves_not_squares():
+    """Two good moves of two pieces (a1-a8, h1-h8): the additive head would pick the best from-square
+    and the best to-square on their own (a1-h8, a blend); the pair term can rank the real moves."""
+    logits = torch.zeros(1, 64, 2 + 2 * 2)
+    logits[0, chess.A1, 0], logits[0, chess.H1, 0] = 2.0, 1.9  # from-squares
+    logits[0, chess.A8, 1], logits[0, chess.H8, 1] = 1.9, 2.0  # to-squares
+    additive = logits[..., :2]
+    pred = TASK.predict(additive, torch.zeros(1, 64, dtype=torch.long))
+    assert [s.item() for s in squares(pred)] == [chess.A1, chess.H8]  # the blend
+    logits[0, chess.A1, 2:4], logits[0, chess.A8, 4:6] = torch.tensor([3.0, 0.0]), torch.tensor([3.0, 0.0])
+    logits[0, chess.H1, 2:4], logits[0, chess.H8, 4:6] = torch.tensor([0.0, 3.0]), torch.tensor([0.0, 3.0])
+    pred = TASK.predict(logits, torch.zeros(1, 64, dtype=torch.long))
+    assert [s.item() for s in squares(pred)] in ([chess.A1, chess.A8], [chess.H1, chess.H8])
+    target = torch.from_numpy(target_of(chess.Move(chess.A1, chess.A8), chess.WHITE))[None]
+    assert TASK.loss(logits, target) < TASK.loss(torch.cat([additive, torch.zeros(1, 64, 4)], -1), target)

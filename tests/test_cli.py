@@ -161,6 +161,18 @@ def test_eval_writes_json_and_png(capsys, ckpt, tmp_path):
     assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_eval_and_diagnose_share_the_inputs_flag(capsys, ckpt, tmp_path):
+    """--n-inputs in both commands (eval's old --n and an --n in diagnose are the same flag)."""
+    code, _, err = run(capsys, "eval", ckpt, "--iters", "2", "--n-inputs", "3", "--difficulties", "8",
+                       "--json", tmp_path / "e.json", "--plot", tmp_path / "e.png", "--device", "cpu")
+    assert code == 0, err
+    assert json.loads((tmp_path / "e.json").read_text())["n"] == 3
+    code, _, err = run(capsys, "diagnose", ckpt, "--n", "2", "--n-starts", "0", "--n-geometry", "1",
+                       "--difficulty", "8", "--json", tmp_path / "d.json", "--device", "cpu")
+    assert code == 0, err
+    assert json.loads((tmp_path / "d.json").read_text())["settings"]["n_inputs"] == 2
+
+
 def test_eval_table_fits_100_columns():
     """Nine budgets (the default grid's size), three difficulties: no header cut, no line over 100."""
     iters = [20, 40, 80, 160, 320, 512, 1024, 2048, 4096]
