@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deqloop.checkpoint import configs, load_checkpoint, load_model, resolve_checkpoint  # noqa: E402
 from deqloop.evaluate import evaluate  # noqa: E402
-from tasks import Batch  # noqa: E402
+from tasks import Batch, TaskInputError  # noqa: E402
 
 SOURCES = ("greedy", "engine", "human")
 
@@ -38,7 +38,7 @@ def source_batch(task, source: str, n_mate: int, n: int) -> Batch | None:
     split = "human" if source == "human" else "test"
     try:
         pool = task.puzzles(split, n_mate)
-    except Exception:  # noqa: BLE001 - a depth the file lacks: no row
+    except TaskInputError:  # a depth the file lacks: no row
         return None
     rows = np.arange(len(pool)) if source == "human" else np.flatnonzero(pool.source == source)
     rows = torch.from_numpy(rows[:n])

@@ -312,7 +312,7 @@ class Chess(Task):
         pools = (_load_human if split == "human" else _load)(str(path), mtime)
         if (split, n) not in pools:
             have = sorted(d for s, d in pools if s == split)
-            raise TaskInputError(f"no {split} chess puzzles of difficulty {n} (mate in {n}) in {self.data}; "
+            raise TaskInputError(f"no {split} chess puzzles of difficulty {n} (mate in {n}) in {path}; "
                              f"available: {', '.join(map(str, have))}")
         return pools[split, n]
 
@@ -338,11 +338,9 @@ class Chess(Task):
         return Batch(inputs, targets, torch.full((len(rows),), difficulty, dtype=torch.long))
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Half the cross-entropy of the key over all 64 x 64 moves of `move_scores` (the mean of the
-        from- and to-square cross-entropies, each over 64 squares, for a 2-channel output)."""
+        """Half the cross-entropy of the key over the 64 x 63 moves of `move_scores` (half, so that a
+        uniform guess costs about log 64, as the mean of two 64-square cross-entropies did)."""
         from_sq, to_sq = squares(targets)
-        if logits.shape[-1] == 2:
-            return 0.5 * (F.cross_entropy(logits[..., 0], from_sq) + F.cross_entropy(logits[..., 1], to_sq))
         return 0.5 * F.cross_entropy(move_scores(logits).flatten(1), from_sq * 64 + to_sq)
 
     def predict(self, logits: Tensor, inputs: Tensor) -> Tensor:
@@ -372,7 +370,7 @@ class Chess(Task):
 
     def metrics(self, pred: Tensor, batch: Batch, logits: Tensor | None = None) -> dict[str, Tensor]:
         """legal, from_acc, to_acc of the raw prediction; with `logits`, also key_legal: the key is
-        the legal move of highest summed from + to logit (a second reading, beside exact match)."""
+        the legal move of highest `move_scores` score (a second reading, beside exact match)."""
         (pf, pt), (tf, tt) = squares(pred), squares(batch.targets)
         out = {"legal": self._legal(pred, batch.inputs).float(),
                "from_acc": (pf == tf).float(), "to_acc": (pt == tt).float()}

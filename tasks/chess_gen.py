@@ -648,66 +648,52 @@ def canonical(fen: str) -> str:
     return (board if board.turn == chess.WHITE else board.mirror()).epd()
 
 
-def pack(records: list[dict], cfg: GenConfig) -> dict[str, np.ndarray]:
-    """The dataset arrays from game records, in (split, game, n) order.
+# The dataset's arrays and their types: one row per puzzle (split 0 train, 1 test; source: the games' policy).
+DTYPES = {"fen": "S100", "key": "S5", "n": np.int8, "depth": np.int8, "game": np.int32, "ply": np.int16,
+          "split": np.int8, "source": "S8"}
 
-    A position (as tokens see it) is kept once per split, and a train puzzle whose position is
-    also a test puzzle is dropped, so the splits share neither games nor positions.
-    """
-    rows = sorted(((SPLITS.index(r["split"]), p["game"], p["n"], p) for r in records for p in r["puzzles"]),
-                  key=lambda row: row[:3])
-    test_positions = {canonical(p["fen"]) for s, _, _, p in rows if s == 1}
+
+def _split_rules(rows: list[dict]) -> dict[str, np.ndarray]:
+    """The arrays of `rows` (dicts of DTYPES' fields, str fen and source) in (split, game, source, n)
+    order, a position (as tokens see it) kept once per split, and no train puzzle whose position is
+    also a test puzzle: the splits share neither games nor positions."""
+    rows = sorted(rows, key=lambda r: (r["split"], r["game"], r["source"], r["n"]))
+    test_positions = {canonical(r["fen"]) for r in rows if r["split"] == 1}
     kept, seen = [], set()
-    for s, _, _, p in rows:
-        pos = canonical(p["fen"])
-        if (s, pos) in seen or (s == 0 and pos in test_positions):
+    for r in rows:
+        pos = canonical(r["fen"])
+        if (r["split"], pos) in seen or (r["split"] == 0 and pos in test_positions):
             continue
-        seen.add((s, pos))
-        kept.append((s, p))
+        seen.add((r["split"], pos))
+        kept.append(r)
+    return {k: np.array([r[k] for r in kept], dtype=dtype) for k, dtype in DTYPES.items()}
+
+
+def pack(records: list[dict], cfg: GenConfig) -> dict[str, np.ndarray]:
+    """The dataset arrays from one run's game records (see `_split_rules`), with its meta."""
+    rows = [{**{k: p[k] for k in ("fen", "key", "n", "depth", "game", "ply")},
+             "split": SPLITS.index(r["split"]), "source": cfg.policy} for r in records for p in r["puzzles"]]
     meta = {"config": asdict(cfg), "command": "python -m tasks.chess_gen " + " ".join(cli_args(cfg))}
-    return {
-        "fen": np.array([p["fen"] for _, p in kept], dtype="S100"),
-        "key": np.array([p["key"] for _, p in kept], dtype="S5"),
-        "n": np.array([p["n"] for _, p in kept], dtype=np.int8),
-        "depth": np.array([p["depth"] for _, p in kept], dtype=np.int8),
-        "game": np.array([p["game"] for _, p in kept], dtype=np.int32),
-        "ply": np.array([p["ply"] for _, p in kept], dtype=np.int16),
-        "split": np.array([s for s, _ in kept], dtype=np.int8),  # 0 train, 1 test
-        "source": np.array([cfg.policy] * len(kept), dtype="S8"),  # the games' policy
-        "meta": np.array(json.dumps(meta, sort_keys=True)),
-    }
-
-
-FIELDS = ("fen", "key", "n", "depth", "game", "ply", "split", "source")
+    return {**_split_rules(rows), "meta": np.array(json.dumps(meta, sort_keys=True))}
 
 
 def merge(parts: list[dict[str, np.ndarray]], commands: list[str]) -> dict[str, np.ndarray]:
-    """One dataset from several generator outputs (e.g. one per policy), under the same rules as `pack`.
+    """One dataset from several generator outputs (e.g. one per policy), under `pack`'s split rules.
 
-    Rows are ordered by (split, game, source, n), so the first puzzles of a test pool mix the
-    sources; a position is kept once per split, and a train position that is also a test
-    position is dropped. Games of different sources are different games (`source` tells them
-    apart). `meta` keeps each part's meta and the merge command.
+    Ordered by (split, game, source, n), so the first puzzles of a test pool mix the sources.
+    Games of different sources are different games (`source` tells them apart; a part without
+    it is from before the engine source: greedy). `meta` keeps each part's meta and the command.
     """
     rows = []
     for part in parts:
         sources = part["source"] if "source" in part else np.full(len(part["fen"]), b"greedy")
         for i in range(len(part["fen"])):
-            rows.append({k: (sources[i] if k == "source" else part[k][i]) for k in FIELDS})
-    rows.sort(key=lambda r: (int(r["split"]), int(r["game"]), bytes(r["source"]), int(r["n"])))
-    test_positions = {canonical(r["fen"].decode()) for r in rows if r["split"] == 1}
-    kept, seen = [], set()
-    for r in rows:
-        pos = canonical(r["fen"].decode())
-        if (int(r["split"]), pos) in seen or (r["split"] == 0 and pos in test_positions):
-            continue
-        seen.add((int(r["split"]), pos))
-        kept.append(r)
-    out = {k: np.array([r[k] for r in kept], dtype=parts[0][k].dtype if k in parts[0] else "S8") for k in FIELDS}
+            row = {k: part[k][i].item() for k in DTYPES if k != "source"}
+            rows.append({**row, "fen": row["fen"].decode(), "key": row["key"].decode(),
+                         "source": sources[i].decode()})
     meta = {"parts": [json.loads(str(part["meta"])) for part in parts],
             "command": "python -m tasks.chess_gen merge " + " ".join(commands)}
-    out["meta"] = np.array(json.dumps(meta, sort_keys=True))
-    return out
+    return {**_split_rules(rows), "meta": np.array(json.dumps(meta, sort_keys=True))}
 
 
 def cli_args(cfg: GenConfig) -> list[str]:
@@ -838,7 +824,7 @@ def merge_main(argv: list[str]) -> int:
         except (OSError, ValueError) as e:
             print(f"error: cannot read {path} ({type(e).__name__}: {e})", file=sys.stderr)
             return 2
-        missing = [k for k in FIELDS + ("meta",) if k not in parts[-1] and k != "source"]
+        missing = [k for k in (*DTYPES, "meta") if k not in parts[-1] and k != "source"]
         if missing:
             print(f"error: {path} is not a chess_gen output (no {', '.join(missing)})", file=sys.stderr)
             return 2

@@ -483,7 +483,8 @@ def test_merge_keeps_the_split_rules(tmp_path):
     test_fen = g["fen"][g["split"] == 1][0]
     leak = {k: v[:1].copy() for k, v in g.items() if k != "meta"}
     leak.update(fen=np.array([test_fen]), split=np.array([0], dtype=np.int8), meta=g["meta"])
-    assert test_fen not in gen.merge([g, leak], ["x"])["fen"][gen.merge([g, leak], ["x"])["split"] == 0]
+    leaked = gen.merge([g, leak], ["x"])
+    assert test_fen not in leaked["fen"][leaked["split"] == 0]
     out = tmp_path / "m.npz"
     assert gen.main(["merge", "--out", str(out), str(tmp_path / "g.npz"), str(tmp_path / "g.npz")]) == 0
     assert Chess(out).puzzles("test", int(g["n"][g["split"] == 1][0])).source[0] == "greedy"
