@@ -22,16 +22,13 @@ from torch import nn
 
 import deqloop
 from deqloop.model import LoopedTransformer, ModelConfig, SolveConfig, build_model
-from tasks import Task, get_task
+from deqloop.errors import CheckpointError, ConfigError
+from tasks import Task, TaskInputError, get_task
 
 FORMAT = "deqloop-checkpoint"  # the `format` key; tells a deqloop checkpoint from any other torch file
 FORMAT_VERSION = 1  # bumped when the layout below changes incompatibly
 KEYS = ("format", "format_version", "deqloop_version", "torch_version", "task", "model_config",
         "solve_config", "train_config", "model", "optimizer", "step", "data_seed", "world_size", "metrics")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint file that is missing, unreadable or not a deqloop checkpoint; one-line message."""
 
 
 def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.optim.Optimizer | None,
@@ -182,8 +179,8 @@ def configs(ckpt: dict) -> tuple[ModelConfig, SolveConfig]:
 
 def with_solver(solve: SolveConfig, solver: str | None = None, options: dict | None = None) -> SolveConfig:
     """`solve` with another forward solver and / or solver options (None: the checkpoint's). The
-    options replace the stored ones when the solver changes, else go over them. ValueError or
-    TypeError (naming the valid choices) on an unknown solver or option."""
+    options replace the stored ones when the solver changes, else go over them. ConfigError
+    (naming the valid choices) on an unknown solver or option."""
     if solver is None and not options:
         return solve
     base = {} if solver not in (None, solve.solver) else dict(solve.solver_options or {})
@@ -197,7 +194,7 @@ def load_model(ckpt: dict | str | Path, device: str | torch.device = "cpu") -> t
     model_cfg, _ = configs(ckpt)
     try:
         task = get_task(ckpt["task"])
-    except ValueError as e:
+    except TaskInputError as e:
         raise CheckpointError(f"checkpoint {ckpt['path']}: {e}") from None
     model = build_model(model_cfg, seed=0)  # the init is overwritten by the saved weights
     try:

@@ -9,9 +9,10 @@
     python cli.py grid prefix_sums [--jobs 2] [--seeds 0,1,2] [--report-only]
 
 A subcommand is one entry of COMMANDS: `add_<name>(parser)` declares its flags, `run_<name>(args)`
-does the work and returns the exit code. A bad input (unknown name, bad checkpoint, malformed
-INPUT, missing file) raises `UsageError` or `CheckpointError` and ends as one line `error: ...` on
-stderr with exit code 2; anything else is a bug and keeps its traceback.
+does the work and returns the exit code. A bad input (unknown name, bad value, bad checkpoint,
+malformed INPUT) raises a `deqloop.errors.UsageError` (or the tasks' TaskInputError) wherever it
+is found, and `main` prints it as one line `error: ...` on stderr with exit code 2; nothing here
+turns other exceptions into usage errors, so a bug keeps its traceback.
 """
 
 from __future__ import annotations
@@ -26,20 +27,17 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from deqloop.checkpoint import CheckpointError, configs, load_checkpoint, load_model, with_solver
+from deqloop.checkpoint import configs, load_checkpoint, load_model, with_solver
 from deqloop.diagnose import DiagnoseSettings, diagnose_checkpoint
 from deqloop.diagnose import plot as plot_diagnose
 from deqloop.diagnose import print_table as print_diagnose
 from deqloop.evaluate import EVAL_N, evaluate_checkpoint, plot, plot_training, print_table, write_json
 from deqloop.model import BACKWARDS, NORMS, RECALLS, RELATIONS, Z0S, ModelConfig, SolveConfig, task_configs
-from deqloop.train import RUN_CONTROL, ConfigError, Interrupted, TrainConfig, resolve_device, train
-from tasks import TASKS, TaskInputError, get_task
+from deqloop.errors import USER_ERRORS, CheckpointError, UsageError
+from deqloop.train import RUN_CONTROL, Interrupted, TrainConfig, resolve_device, train
+from tasks import TASKS, get_task
 
 EXIT_USAGE = 2
-
-
-class UsageError(Exception):
-    """A bad input from the user; printed as `error: <message>`, exit code 2."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -305,10 +303,7 @@ def resumed_configs(task: str, given: dict) -> tuple[TrainConfig, ModelConfig, S
 
 
 def run_train(args) -> int:
-    try:
-        cfg, model_cfg, solve_cfg = train_configs(args)
-    except (ValueError, KeyError, TypeError) as e:  # unknown names and bad values, with the valid choices
-        raise UsageError(one_line(e)) from None
+    cfg, model_cfg, solve_cfg = train_configs(args)
     if args.print_config:
         print(config_json(cfg, model_cfg, solve_cfg))
         return 0
@@ -316,7 +311,7 @@ def run_train(args) -> int:
         device_arg(cfg.device)
     try:
         path = train(cfg, model_cfg, solve_cfg, resume=args.resume)
-    except (ConfigError, FileExistsError) as e:
+    except FileExistsError as e:  # another training holds --out-dir, or a checkpoint is there already
         raise UsageError(one_line(e)) from None
     except Interrupted as e:
         print(f"interrupted: {e}", file=sys.stderr)
@@ -381,10 +376,7 @@ def solver_option(text: str) -> tuple[str, object]:
 
 
 def checked_solver(solve: SolveConfig, args) -> SolveConfig:
-    try:
-        return with_solver(solve, **solver_override(args))
-    except (ValueError, TypeError, KeyError) as e:  # KeyError: an unknown solver (solvers.UnknownSolverError)
-        raise UsageError(one_line(e)) from None
+    return with_solver(solve, **solver_override(args))  # ConfigError on an unknown solver or option
 
 
 def add_solver_override(p: argparse.ArgumentParser) -> None:
@@ -480,11 +472,8 @@ def run_solve(args) -> int:
     solve_cfg = checked_solver(configs(ckpt)[1], args)
     tokens = task.parse(args.input).to(device)  # a malformed INPUT: TaskInputError, one line from main
     max_iter = args.max_iter or max(solve_cfg.max_iter, task.solve_max_iter(tokens))
-    with torch.no_grad():
-        try:
-            logits, result, _ = model(tokens, solve_cfg, max_iter=max_iter)
-        except ValueError as e:  # e.g. an input longer than a fixed-size model's positions
-            raise UsageError(one_line(e)) from None
+    with torch.no_grad():  # an input longer than a fixed-size model's positions: InputError
+        logits, result, _ = model(tokens, solve_cfg, max_iter=max_iter)
     pred = task.predict(logits, tokens)
     print(task.decode(tokens[0].cpu(), pred[0].cpu()))
     verdict = task.verdict(tokens[0].cpu(), pred[0].cpu())
@@ -537,11 +526,8 @@ def run_diagnose(args) -> int:
     json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "diagnose.json"
     plot_dir = Path(args.plots) if args.plots else Path(args.checkpoint).parent
     check_outputs(files=(json_path,), dirs=(plot_dir,))
-    try:
-        settings = DiagnoseSettings(n_inputs=args.n_inputs, n_starts=args.n_starts, n_geometry=args.n_geometry,
-                                    seed=args.seed, cluster_tol=args.cluster_tol)
-    except ValueError as e:
-        raise UsageError(one_line(e)) from None
+    settings = DiagnoseSettings(n_inputs=args.n_inputs, n_starts=args.n_starts, n_geometry=args.n_geometry,
+                                seed=args.seed, cluster_tol=args.cluster_tol)
     device = device_arg(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     checked_solver(configs(ckpt)[1], args)  # a bad file or override: one line, before the progress bar
@@ -604,7 +590,7 @@ def run_grid_command(args) -> int:
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from deqloop.grid import GRIDS, GridError, check_spec, run_grid
+    from deqloop.grid import GRIDS, check_spec, run_grid
     from deqloop.grid_report import summarize, write_report
 
     if args.task not in GRIDS:
@@ -615,16 +601,13 @@ def run_grid_command(args) -> int:
     if args.steps:
         changes["train"] = {**spec.train, "steps": args.steps}
     spec = replace(spec, **changes)
-    try:
-        check_spec(spec)
-        if not args.report_only:
-            columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-            with Progress(*columns, console=Console(stderr=True)) as bar:
-                job = bar.add_task(f"grid {spec.task}", total=len(spec.cells()))
-                run_grid(spec, args.root, jobs=args.jobs, progress=lambda done, total, name: bar.update(
-                    job, completed=done, total=total, description=f"grid {spec.task}" + (f" ({name} done)" if name else "")))
-    except GridError as e:
-        raise UsageError(one_line(e)) from None
+    check_spec(spec)  # GridError (a UsageError) on unknown names, before any work
+    if not args.report_only:
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with Progress(*columns, console=Console(stderr=True)) as bar:
+            job = bar.add_task(f"grid {spec.task}", total=len(spec.cells()))
+            run_grid(spec, args.root, jobs=args.jobs, progress=lambda done, total, name: bar.update(
+                job, completed=done, total=total, description=f"grid {spec.task}" + (f" ({name} done)" if name else "")))
     summary = summarize(spec, args.root)
     out = Path(args.report_dir) if args.report_dir else Path(args.root) / spec.task
     paths = write_report(spec, summary, out)
@@ -667,7 +650,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (UsageError, CheckpointError, TaskInputError) as e:  # TaskInputError: bad INPUT, unknown difficulty
+    except USER_ERRORS as e:  # deqloop's UsageError and the tasks' TaskInputError (bad INPUT, unknown difficulty)
         print(f"error: {one_line(e)}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

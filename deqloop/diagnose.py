@@ -27,6 +27,7 @@ from torch import Tensor
 
 from deqloop import diagnostics as dx
 from deqloop.checkpoint import configs, load_checkpoint, load_model, with_solver
+from deqloop.errors import ConfigError
 from deqloop.evaluate import eval_max_iter, test_set, write_json
 
 __all__ = ["THRESHOLDS", "DiagnoseSettings", "diagnose_checkpoint", "plot", "print_table", "verdicts", "write_json"]
@@ -60,14 +61,14 @@ class DiagnoseSettings:
     def __post_init__(self):
         for name in ("n_inputs", "n_geometry", "max_positions"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.n_inputs < 2:
-            raise ValueError("n_inputs must be >= 2 (the shared-fixed-point check pairs inputs)")
+            raise ConfigError("n_inputs must be >= 2 (the shared-fixed-point check pairs inputs)")
         if self.n_starts < 0:
-            raise ValueError(f"n_starts must be >= 0, got {self.n_starts}")
+            raise ConfigError(f"n_starts must be >= 0, got {self.n_starts}")
         for name in ("cluster_tol", "refine_tol", "fd_eps", "krylov_tol"):
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
 Progress = Callable[[str, int, int], None]  # (description, steps done, steps in all)

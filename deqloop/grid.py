@@ -33,10 +33,14 @@ from pathlib import Path
 
 import numpy as np
 
+from deqloop.errors import UsageError
+from deqloop.model import NORMS, RECALLS
+from tasks import TaskInputError, get_task
+
 GRID_VERSION = 1  # bump when the meaning of a cell's files changes
 
 
-class GridError(ValueError):
+class GridError(UsageError):
     """A grid that cannot run as asked (settings differ from the root's, unknown names); one line."""
 
 
@@ -113,13 +117,10 @@ def cell_dir(root: str | Path, task: str, recall: str, norm: str, seed: int) -> 
 
 def check_spec(spec: GridSpec) -> None:
     """Unknown task, recall or norm names fail here, before any cell runs."""
-    from deqloop.model import NORMS, RECALLS
-    from tasks import get_task
-
     try:
         get_task(spec.task)
-    except KeyError as e:
-        raise GridError(str(e).strip("'\"")) from None
+    except TaskInputError as e:
+        raise GridError(str(e)) from None
     for name, values, valid in (("recall", spec.recalls, RECALLS), ("norm", spec.norms, NORMS)):
         bad = [v for v in values if v not in valid]
         if bad:

@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from solvers import check_options, get_solver
+from deqloop.errors import ConfigError, ConfigTypeError, InputError
+from solvers import UnknownSolverError, check_options, get_solver
 from solvers.implicit import fixed_point
 
 RECALLS = ("none", "standard", "internal")
@@ -74,7 +75,7 @@ RELATIONS = {
 
 
 def check_field_types(cfg) -> None:
-    """TypeError naming the field when a config dataclass holds a value of the wrong kind (a
+    """ConfigTypeError (a TypeError) naming the field when a config dataclass holds a value of the wrong kind (a
     string where a number goes: a damaged checkpoint, a hand-edited config.json)."""
     hints = typing.get_type_hints(type(cfg))
     for f in fields(cfg):
@@ -97,7 +98,7 @@ def check_field_types(cfg) -> None:
         else:
             names = " or ".join("None" if o is type(None) else getattr(typing.get_origin(o) or o, "__name__", str(o))
                                 for o in options)
-            raise TypeError(f"{f.name} must be {names}, got {value!r}")
+            raise ConfigTypeError(f"{f.name} must be {names}, got {value!r}")
 
 
 @dataclass
@@ -121,16 +122,16 @@ class ModelConfig:
         for name, value, valid in (("recall", self.recall, RECALLS), ("norm", self.norm, NORMS),
                                    ("z0", self.z0, Z0S)):
             if value not in valid:
-                raise ValueError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
+                raise ConfigError(f"{name} must be one of {', '.join(valid)}; got {value!r}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            raise ConfigError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
         if self.window is not None and self.window < 1:
-            raise ValueError(f"window must be >= 1 or None, got {self.window}")
+            raise ConfigError(f"window must be >= 1 or None, got {self.window}")
         if self.relations is not None:
             if self.relations not in RELATIONS:
-                raise ValueError(f"relations must be one of {', '.join(RELATIONS)} or None; got {self.relations!r}")
+                raise ConfigError(f"relations must be one of {', '.join(RELATIONS)} or None; got {self.relations!r}")
             if self.window is not None or self.causal:
-                raise ValueError("relations need global, non-causal attention (window=None, causal=False)")
+                raise ConfigError("relations need global, non-causal attention (window=None, causal=False)")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -156,18 +157,21 @@ class SolveConfig:
 
     def __post_init__(self):
         check_field_types(self)
-        get_solver(self.solver)
-        get_solver(self.b_solver)
-        check_options(self.solver, self.forward_options())
+        try:  # solvers/ stands alone and raises its own errors; here they are a config's
+            get_solver(self.solver)
+            get_solver(self.b_solver)
+            check_options(self.solver, self.forward_options())
+        except (UnknownSolverError, TypeError) as e:
+            raise ConfigError(str(e)) from None
         if self.backward not in BACKWARDS:
-            raise ValueError(f"backward must be one of {', '.join(BACKWARDS)}; got {self.backward!r}")
+            raise ConfigError(f"backward must be one of {', '.join(BACKWARDS)}; got {self.backward!r}")
         if not 0 <= self.progressive_alpha <= 1:
-            raise ValueError(f"progressive_alpha must be in [0, 1], got {self.progressive_alpha}")
+            raise ConfigError(f"progressive_alpha must be in [0, 1], got {self.progressive_alpha}")
         if self.loss_every < 0 or not 0 <= self.detach_iters < self.max_iter:
-            raise ValueError(f"need loss_every >= 0 and 0 <= detach_iters < max_iter={self.max_iter}; "
+            raise ConfigError(f"need loss_every >= 0 and 0 <= detach_iters < max_iter={self.max_iter}; "
                              f"got {self.loss_every} and {self.detach_iters}")
         if (self.loss_every or self.detach_iters or self.detach_random) and self.backward != "unroll":
-            raise ValueError(f"loss_every and detach_iters belong to backward='unroll', not {self.backward!r}")
+            raise ConfigError(f"loss_every and detach_iters belong to backward='unroll', not {self.backward!r}")
 
     def forward_options(self, max_iter: int | None = None, tol: float | None = None) -> dict:
         return {"max_iter": self.max_iter if max_iter is None else max_iter,
@@ -217,7 +221,7 @@ class Attention(nn.Module):
         if self.relation_bias is None:
             return None
         if t != self.relation_ids.shape[0]:
-            raise ValueError(f"input length {t} does not fit the {self.relation_ids.shape[0]}-position relation scheme")
+            raise InputError(f"input length {t} does not fit the {self.relation_ids.shape[0]}-position relation scheme")
         bias = self.relation_bias[:, self.relation_ids]  # (H, T, T)
         return bias.masked_fill(self.relation_mask, float("-inf"))
 
@@ -284,7 +288,7 @@ class LoopedTransformer(nn.Module):
         x = self.embed(tokens)
         if self.pos is not None:
             if tokens.shape[1] > self.pos.shape[0]:
-                raise ValueError(f"input length {tokens.shape[1]} exceeds n_positions={self.pos.shape[0]}")
+                raise InputError(f"input length {tokens.shape[1]} exceeds n_positions={self.pos.shape[0]}")
             x = x + self.pos[: tokens.shape[1]]
         return x
 

@@ -36,7 +36,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, 
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from deqloop.checkpoint import CheckpointError, configs, load_checkpoint, save_checkpoint
+from deqloop.checkpoint import configs, load_checkpoint, save_checkpoint
+from deqloop.errors import CheckpointError, ConfigError
 from deqloop.evaluate import eval_max_iter, evaluate, test_set
 from deqloop.model import ModelConfig, SolveConfig, build_model, check_field_types
 from solvers.result import Status
@@ -74,18 +75,18 @@ class TrainConfig:
             if value is not None:
                 setattr(self, name, tuple(int(d) for d in value))
                 if not value:
-                    raise ValueError(f"{name} is empty")
+                    raise ConfigError(f"{name} is empty")
         check_field_types(self)
         for name in ("steps", "batch_size", "eval_size", "log_every"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("seed", "warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+            raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.out_dir is None:
             self.out_dir = str(Path("runs") / self.task)
 
@@ -104,10 +105,6 @@ class TrainConfig:
 # cosine schedule from the resumed step on, which is what extending a run means).
 RUN_CONTROL = ("steps", "eval_every", "eval_size", "log_every", "ckpt_every", "keep_checkpoints",
                "out_dir", "device")
-
-
-class ConfigError(ValueError):
-    """Settings that cannot run: a resume that changes them, a batch that does not split over processes."""
 
 
 class Interrupted(Exception):

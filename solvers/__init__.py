@@ -6,7 +6,12 @@
     result.z, result.converged, result.status, result.message
 
 Convergence is judged per sample; see `SolverResult` for every returned field. Gradients are
-attached separately, by `solvers.implicit.fixed_point`.
+attached separately, by `solvers.implicit.fixed_point`. Every solver is one `Step` run by the
+one loop, `iterate` (solvers/_loop.py); a new solver is a step function:
+
+    def my_step(z, fz, g, state):      # state.rows: per-sample memory, compacted for you
+        return z + 0.5 * g
+    result = iterate(f, z0, my_step, solver="half_step", tol=1e-6)
 """
 
 from __future__ import annotations
@@ -17,22 +22,28 @@ from typing import Callable
 
 from torch import Tensor
 
+from ._loop import LOOP_DEFAULTS, LoopOptions, State, Step, iterate
 from .anderson import anderson
 from .broyden import broyden
 from .fixed_point import fixed_point_iter
 from .result import SolverError, SolverResult, Status
 
 __all__ = [
+    "LOOP_DEFAULTS",
+    "LoopOptions",
     "SOLVERS",
     "SolverError",
     "SolverResult",
+    "State",
     "Status",
+    "Step",
     "UnknownSolverError",
     "anderson",
     "broyden",
     "check_options",
     "fixed_point_iter",
     "get_solver",
+    "iterate",
     "solve",
     "solver_options",
 ]
@@ -64,9 +75,9 @@ def get_solver(name: str) -> Callable[..., SolverResult]:
 
 
 def solver_options(name: str) -> tuple[str, ...]:
-    """The keyword options solver `name` accepts."""
+    """The keyword options solver `name` accepts: its own, then the LoopOptions every solver shares."""
     params = inspect.signature(get_solver(name)).parameters.values()
-    return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY)
+    return tuple(p.name for p in params if p.kind is inspect.Parameter.KEYWORD_ONLY) + tuple(LOOP_DEFAULTS)
 
 
 def check_options(name: str, options: dict) -> None:

@@ -1,15 +1,24 @@
-"""Per-sample bookkeeping shared by every solver.
+"""The one solver loop, and the per-sample bookkeeping every solver shares.
 
-A solver keeps its own state (history, Jacobian estimate) for the *active* samples only, as
-rows of (n, ...) tensors. `Loop` evaluates `f` on those rows, scores each iterate, keeps the
-best iterate of every sample, decides which samples stop (converged, diverged, max_iter),
-and tells the solver which rows to keep so the solver can compact its own state.
+A solver is a `Step`: given the point z just evaluated, f(z), the residual g = f(z) - z and
+its `State`, it returns the next point to evaluate. `iterate` runs the loop around it:
+
+    z = z0
+    repeat:  f(z), g  = evaluate f on the active samples      (Loop.__call__: scores z)
+             retire the samples that stopped                  (Loop.drop: converged, diverged, max_iter)
+             compact z, f(z), g and the state's rows to the samples left
+             z = step(z, f(z), g, state)
+
+A solver keeps its memory (history, Jacobian estimate) for the *active* samples only, as rows
+of (n, ...) tensors in `State.rows`, which the loop compacts; so a solver never sees a sample
+that has stopped, and writes no bookkeeping of its own.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from dataclasses import dataclass, field
+from typing import Callable, TypedDict
 
 import torch
 from torch import Tensor
@@ -17,6 +26,56 @@ from torch import Tensor
 from .result import SolverResult
 
 STOP_MODES = ("abs", "rel")
+
+
+class LoopOptions(TypedDict, total=False):
+    """The options every solver takes, besides its own (defaults in LOOP_DEFAULTS)."""
+
+    tol: float  # a sample stops when its residual (in stop_mode) is below this
+    max_iter: int  # evaluations of f at most
+    stop_mode: str  # "rel": ||f(z) - z|| / ||f(z)||; "abs": ||f(z) - z||
+    subbatch: bool  # call f(z, idx) on the active samples only (see Loop)
+    divergence_ratio: float  # see Loop
+
+
+LOOP_DEFAULTS: LoopOptions = {"tol": 1e-4, "max_iter": 50, "stop_mode": "rel", "subbatch": False,
+                              "divergence_ratio": 1e4}
+
+
+@dataclass
+class State:
+    """A solver's memory between evaluations.
+
+    rows: tensors with one row per active sample; the loop compacts them as samples stop.
+    k:    steps taken so far (the same for every active sample, so ring-buffer slots are shared).
+    """
+
+    rows: dict[str, Tensor] = field(default_factory=dict)
+    k: int = 0
+
+
+# (z, f(z), g = f(z) - z, state) -> the next z to evaluate; all (n, D) over the active samples
+Step = Callable[[Tensor, Tensor, Tensor, State], Tensor]
+
+
+def iterate(f: Callable[..., Tensor], z0: Tensor, step: Step, *, solver: str, **options) -> SolverResult:
+    """Run `step` from z0 until every sample has stopped; `options` are LoopOptions."""
+    unknown = sorted(set(options) - set(LOOP_DEFAULTS))
+    if unknown:
+        raise TypeError(f"{solver}: unknown option {unknown[0]!r}")
+    loop = Loop(f, z0, solver=solver, **{**LOOP_DEFAULTS, **options})
+    state = State()
+    z = loop.z0
+    while True:
+        fz, g = loop(z)
+        keep = loop.drop()
+        if loop.done:
+            return loop.result()
+        if keep is not None:
+            z, fz, g = z[keep], fz[keep], g[keep]
+            state.rows = {name: row[keep] for name, row in state.rows.items()}
+        z = step(z, fz, g, state)
+        state.k += 1
 
 
 def check_common(z0: Tensor, tol: float, max_iter: int, stop_mode: str, divergence_ratio: float) -> None:

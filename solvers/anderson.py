@@ -5,31 +5,22 @@ Walker & Ni, "Anderson acceleration for fixed-point iterations", SIAM J. Numer. 
 
 from __future__ import annotations
 
-from typing import Callable
+import math
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
 
-from ._loop import Loop
+from ._loop import LoopOptions, State, iterate
 from .result import SolverResult
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-def anderson(
-    f: Callable[..., Tensor],
-    z0: Tensor,
-    *,
-    tol: float = 1e-4,
-    max_iter: int = 50,
-    stop_mode: str = "rel",
-    m: int = 5,
-    beta: float = 1.0,
-    reg: float = 1e-8,
-    block_size: int | None = None,
-    safeguard: float | None = 1.0,
-    max_restarts: int | None = 0,
-    subbatch: bool = False,
-    divergence_ratio: float = 1e4,
-) -> SolverResult:
+
+def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 1.0, reg: float = 1e-8,
+             block_size: int | None = None, safeguard: float | None = 1.0, max_restarts: int | None = 0,
+             **options: Unpack[LoopOptions]) -> SolverResult:
     """Solve z = f(z) by Anderson mixing of the last `m` iterates, per sample.
 
     With g_k = f(z_k) - z_k and the differences dZ, dG of the last m iterates and residuals,
@@ -55,7 +46,67 @@ def anderson(
     docs/TRAINING.md): plain iteration 100% right in 339 evaluations, unguarded Anderson 31%
     after all 600, guarded 100% in 340. On the toy maps of bench/solvers.py the evaluation counts
     are unchanged. Pass safeguard=None for plain Anderson mixing.
+    `options`: tol, max_iter, stop_mode, subbatch, divergence_ratio (solvers.LoopOptions).
     """
+    _check_options(m, beta, reg, safeguard, max_restarts, block_size)
+    if block_size is not None and isinstance(z0, Tensor) and z0.dim() >= 1 and math.prod(z0.shape[1:]) % block_size:
+        raise ValueError(f"block_size={block_size} does not divide the {math.prod(z0.shape[1:])} elements of a sample")
+
+    def step(z: Tensor, fz: Tensor, g: Tensor, state: State) -> Tensor:
+        rows = state.rows
+        n, d = z.shape
+        bs = d if block_size is None else block_size
+        nb = d // bs  # blocks per sample, each mixed with its own coefficients
+        if state.k == 0:  # no history yet: the plain step
+            rows.update(
+                dz=z.new_zeros(n, nb, m, bs),  # ring buffer of z_{i+1} - z_i, per block
+                dg=z.new_zeros(n, nb, m, bs),  # ring buffer of g_{i+1} - g_i, per block
+                gram=torch.zeros(n, nb, m, m, dtype=torch.float64, device=z.device),  # dG dG^T per block
+                mixed=torch.zeros(n, dtype=torch.bool, device=z.device),  # z came from a mixed step
+                restarts=torch.zeros(n, dtype=torch.long, device=z.device),  # rejections so far
+                z=z, g=g)
+            return z + beta * g
+        dz, dg, gram, mixed = rows["dz"], rows["dg"], rows["gram"], rows["mixed"]
+        z_prev, g_prev = rows["z"], rows["g"]
+        slot = (state.k - 1) % m
+        torch.sub(z.view(n, nb, bs), z_prev.view(n, nb, bs), out=dz[:, :, slot])
+        torch.sub(g.view(n, nb, bs), g_prev.view(n, nb, bs), out=dg[:, :, slot])
+        if safeguard is not None:
+            bad = mixed & (g.norm(dim=1) > safeguard * g_prev.norm(dim=1))
+            rows["restarts"] += bad
+            if max_restarts is not None:  # past the limit: plain steps from here on
+                bad = bad | (rows["restarts"] > max_restarts)
+            if bool(bad.any()):  # back to the previous z, history forgotten: the next step is the plain one
+                dz[bad], dg[bad], gram[bad] = 0, 0, 0
+                z = torch.where((bad & mixed)[:, None], z_prev, z)
+                g = torch.where((bad & mixed)[:, None], g_prev, g)
+        dgf, dzf = dg.view(n * nb, m, bs), dz.view(n * nb, m, bs)  # blocks as rows of one batched solve
+        gb = g.view(n * nb, bs)
+        row = torch.bmm(dgf, dgf[:, slot, :, None]).squeeze(2).double().view(n, nb, m)
+        gram[:, :, slot, :] = row
+        gram[:, :, :, slot] = row
+        gamma = _mixing_coefficients(gram.view(n * nb, m, m), torch.bmm(dgf, gb[:, :, None]).double(), reg)
+        gamma = gamma.to(z.dtype)
+        gamma_t = gamma.transpose(1, 2)  # (n nb, 1, m): two thin products, no (n, m, D) temporary
+        mix = beta * (gb - torch.bmm(gamma_t, dgf).squeeze(1)) - torch.bmm(gamma_t, dzf).squeeze(1)
+        rows.update(z=z, g=g, mixed=(gamma.view(n, nb * m) != 0).any(dim=1))
+        return z + mix.view(n, d)
+
+    return iterate(f, z0, step, solver="anderson", **options)
+
+
+def _mixing_coefficients(gram: Tensor, rhs: Tensor, reg: float) -> Tensor:
+    """gamma = (G + lam I)^-1 rhs per row, lam = reg * trace(G); zero where the system is singular."""
+    m = gram.shape[-1]
+    eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
+    lam = reg * gram.diagonal(dim1=1, dim2=2).sum(1) + torch.finfo(torch.float64).tiny
+    chol, info = torch.linalg.cholesky_ex(gram + lam[:, None, None] * eye)
+    gamma = torch.cholesky_solve(rhs, chol)  # (rows, m, 1)
+    ok = (info == 0) & torch.isfinite(gamma).all(dim=(1, 2))
+    return torch.where(ok[:, None, None], gamma, torch.zeros_like(gamma))
+
+
+def _check_options(m, beta, reg, safeguard, max_restarts, block_size) -> None:
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m must be an integer >= 1, got {m!r}")
     if not beta > 0:
@@ -69,66 +120,3 @@ def anderson(
         raise ValueError(f"max_restarts must be an integer >= 0 or None, got {max_restarts!r}")
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size!r}")
-    loop = Loop(f, z0, tol=tol, max_iter=max_iter, stop_mode=stop_mode, subbatch=subbatch,
-                divergence_ratio=divergence_ratio, solver="anderson")
-    if block_size is not None and loop.z0.shape[1] % block_size:
-        raise ValueError(f"block_size={block_size} does not divide the {loop.z0.shape[1]} elements of a sample")
-    z = loop.z0
-    _, g = loop(z)
-    keep = loop.drop()
-    if loop.done:
-        return loop.result()
-    if keep is not None:
-        z, g = z[keep], g[keep]
-    n, d = z.shape
-    bs = d if block_size is None else block_size
-    nb = d // bs  # blocks per sample, each mixed with its own coefficients
-    dz = z.new_zeros(n, nb, m, bs)  # ring buffer of z_{i+1} - z_i, per block
-    dg = z.new_zeros(n, nb, m, bs)  # ring buffer of g_{i+1} - g_i, per block
-    gram = torch.zeros(n, nb, m, m, dtype=torch.float64, device=z.device)  # dG dG^T per block
-    eye = torch.eye(m, dtype=torch.float64, device=z.device)
-    mixed = torch.zeros(n, dtype=torch.bool, device=z.device)  # z_next came from a mixed step
-    restarts = torch.zeros(n, dtype=torch.long, device=z.device)  # rejections so far, per sample
-    z_next = z + beta * g
-    k = 0
-    while True:
-        _, g_next = loop(z_next)
-        keep = loop.drop()
-        if loop.done:
-            break
-        if keep is not None:
-            z, g, z_next, g_next = z[keep], g[keep], z_next[keep], g_next[keep]
-            dz, dg, gram, mixed, restarts = dz[keep], dg[keep], gram[keep], mixed[keep], restarts[keep]
-        n = z.shape[0]
-        slot = k % m
-        k += 1
-        torch.sub(z_next.view(n, nb, bs), z.view(n, nb, bs), out=dz[:, :, slot])
-        torch.sub(g_next.view(n, nb, bs), g.view(n, nb, bs), out=dg[:, :, slot])
-        if safeguard is not None:
-            bad = mixed & (g_next.norm(dim=1) > safeguard * g.norm(dim=1))
-            restarts += bad
-            if max_restarts is not None:  # past the limit: plain steps from here on
-                bad = bad | (restarts > max_restarts)
-            if bool(bad.any()):  # back to z, history forgotten: the next step is the plain one
-                dz[bad], dg[bad], gram[bad] = 0, 0, 0
-                z_next = torch.where((bad & mixed)[:, None], z, z_next)
-                g_next = torch.where((bad & mixed)[:, None], g, g_next)
-        z, g = z_next, g_next
-        dgf, dzf = dg.view(n * nb, m, bs), dz.view(n * nb, m, bs)  # blocks as rows of one batched solve
-        gb = g.view(n * nb, bs)
-        row = torch.bmm(dgf, dgf[:, slot, :, None]).squeeze(2).double().view(n, nb, m)
-        gram[:, :, slot, :] = row
-        gram[:, :, :, slot] = row
-        gramf = gram.view(n * nb, m, m)
-        rhs = torch.bmm(dgf, gb[:, :, None]).double()  # (n nb, m, 1)
-        trace = gramf.diagonal(dim1=1, dim2=2).sum(1)  # (n nb,)
-        lam = reg * trace + torch.finfo(torch.float64).tiny
-        chol, info = torch.linalg.cholesky_ex(gramf + lam[:, None, None] * eye)
-        gamma = torch.cholesky_solve(rhs, chol)  # (n nb, m, 1)
-        ok = (info == 0) & torch.isfinite(gamma).all(dim=(1, 2))
-        gamma = torch.where(ok[:, None, None], gamma, torch.zeros_like(gamma)).to(z.dtype)
-        gamma_t = gamma.transpose(1, 2)  # (n nb, 1, m): two thin products, no (n, m, D) temporary
-        step = beta * (gb - torch.bmm(gamma_t, dgf).squeeze(1)) - torch.bmm(gamma_t, dzf).squeeze(1)
-        z_next = z + step.view(n, d)
-        mixed = (gamma.view(n, nb * m) != 0).any(dim=1)
-    return loop.result()

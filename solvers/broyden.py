@@ -5,26 +5,19 @@ Broyden, "A class of methods for solving nonlinear simultaneous equations", Math
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import torch
 from torch import Tensor
 
-from ._loop import Loop
+from ._loop import LoopOptions, State, iterate
 from .result import SolverResult
 
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
-def broyden(
-    f: Callable[..., Tensor],
-    z0: Tensor,
-    *,
-    tol: float = 1e-4,
-    max_iter: int = 50,
-    stop_mode: str = "rel",
-    m: int = 20,
-    subbatch: bool = False,
-    divergence_ratio: float = 1e4,
-) -> SolverResult:
+
+def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, **options: Unpack[LoopOptions]) -> SolverResult:
     """Solve g(z) = f(z) - z = 0 with quasi-Newton steps z <- z - H g, per sample.
 
     H approximates the inverse Jacobian of g as -I + U V^T with at most `m` rank-one terms;
@@ -33,46 +26,33 @@ def broyden(
     max_iter.
     Update after a step s with residual change y: H += (s - H y) (s^T H) / (s^T H y); a
     sample whose denominator is negligible skips its update.
+    `options`: tol, max_iter, stop_mode, subbatch, divergence_ratio (solvers.LoopOptions).
     """
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m must be an integer >= 1, got {m!r}")
-    loop = Loop(f, z0, tol=tol, max_iter=max_iter, stop_mode=stop_mode, subbatch=subbatch,
-                divergence_ratio=divergence_ratio, solver="broyden")
-    z = loop.z0
-    _, g = loop(z)
-    keep = loop.drop()
-    if loop.done:
-        return loop.result()
-    if keep is not None:
-        z, g = z[keep], g[keep]
-    n, d = z.shape
-    u = z.new_zeros(n, m, d)  # (n, m, D)
-    v = z.new_zeros(n, m, d)  # (n, m, D)
-    eps = torch.finfo(z.dtype).eps
-    step = g  # -H g with H = -I
-    used = 0  # rank-one terms in use; the first `used` slots of u, v
-    while True:
-        z_next = z + step
-        _, g_next = loop(z_next)
-        keep = loop.drop()
-        if loop.done:
-            break
-        if keep is not None:
-            z, g, z_next, g_next, step, u, v = (t[keep] for t in (z, g, z_next, g_next, step, u, v))
-        if used == m:  # memory full: restart from H = -I before this update
-            used = 0
-        s, y = step, g_next - g
+
+    def step(z: Tensor, fz: Tensor, g: Tensor, state: State) -> Tensor:
+        rows = state.rows
+        if state.k == 0:  # H = -I: the first step is the plain one
+            n, d = z.shape
+            rows.update(u=z.new_zeros(n, m, d), v=z.new_zeros(n, m, d), g=g, step=g)
+            return z + g
+        u, v = rows["u"], rows["v"]
+        used = (state.k - 1) % m  # rank-one terms in use before this update (a full memory restarts)
+        s, y = rows["step"], g - rows["g"]
         uu, vv = u[:, :used], v[:, :used]
         hy = -y + _lowrank(uu, vv, y)  # H y, (n, D)
         vt = -s + _lowrank(vv, uu, s)  # H^T s, (n, D)
         denom = (vt * y).sum(1, keepdim=True)  # s^T H y, (n, 1)
+        eps = torch.finfo(z.dtype).eps
         ok = denom.abs() > eps * vt.norm(dim=1, keepdim=True) * y.norm(dim=1, keepdim=True)
         u[:, used] = torch.where(ok, (s - hy) / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
         v[:, used] = torch.where(ok, vt, 0.0)
-        used += 1
-        z, g = z_next, g_next
-        step = g - _lowrank(u[:, :used], v[:, :used], g)  # -H g
-    return loop.result()
+        rows["g"] = g
+        rows["step"] = g - _lowrank(u[:, :used + 1], v[:, :used + 1], g)  # -H g
+        return z + rows["step"]
+
+    return iterate(f, z0, step, solver="broyden", **options)
 
 
 def _lowrank(a: Tensor, b: Tensor, x: Tensor) -> Tensor:

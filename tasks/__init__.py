@@ -16,4 +16,4 @@ def get_task(name: str) -> Task:
     try:
         return TASKS[name]()
     except KeyError:
-        raise ValueError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}") from None
+        raise TaskInputError(f"unknown task {name!r}; valid tasks: {', '.join(sorted(TASKS))}") from None

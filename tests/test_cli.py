@@ -353,3 +353,21 @@ def test_the_shipped_sudoku_model_solves_puzzles_of_another_generator(capsys):
         assert code == 0, err
         solved += "\nvalid: every row" in "\n" + out
     assert solved >= 5, solved  # 100% measured; one miss allowed
+
+
+def test_only_usage_errors_become_one_line(capsys, monkeypatch, ckpt):
+    """A UsageError anywhere below the CLI is one line and exit 2; any other exception, a ValueError
+    included, is a bug and propagates with its traceback (no catch-all turns it into a usage line)."""
+    from deqloop.errors import UsageError
+
+    def fail(exc):
+        def run(args):
+            raise exc
+        return run
+
+    monkeypatch.setitem(cli.COMMANDS, "solve", (cli.COMMANDS["solve"][0], cli.add_solve, fail(UsageError("bad\nthing"))))
+    assert cli.main(["solve", str(ckpt), "0101"]) == 2
+    assert capsys.readouterr().err == "error: bad thing\n"
+    monkeypatch.setitem(cli.COMMANDS, "solve", (cli.COMMANDS["solve"][0], cli.add_solve, fail(ValueError("a bug"))))
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(["solve", str(ckpt), "0101"])

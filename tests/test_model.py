@@ -5,6 +5,7 @@ import itertools
 import pytest
 import torch
 
+from deqloop.errors import ConfigError, ConfigTypeError, UsageError
 from deqloop.model import NORMS, RECALLS, ModelConfig, SolveConfig, build_model
 
 TOY = dict(vocab_size=3, n_classes=2, d_model=16, n_heads=2)
@@ -121,17 +122,22 @@ def test_progressive_term_only_in_training():
     (dict(window=0), "window must be"),
 ])
 def test_bad_model_config(bad, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         ModelConfig(**{**TOY, **bad})
 
 
 def test_bad_solve_config():
-    with pytest.raises(KeyError, match="valid solvers"):
+    """Every bad setting is a ConfigError (a UsageError: one line at the command line), whichever
+    package found it; solvers' own KeyError / TypeError do not leak through."""
+    with pytest.raises(ConfigError, match="did you mean 'anderson'.*valid solvers"):
         SolveConfig(solver="andersen")
-    with pytest.raises(ValueError, match="backward must be one of"):
+    with pytest.raises(ConfigError, match="backward must be one of"):
         SolveConfig(backward="implicit")
-    with pytest.raises(TypeError, match="no option 'lam'"):
+    with pytest.raises(ConfigError, match="no option 'lam'"):
         SolveConfig(solver_options={"lam": 1e-4})
+    with pytest.raises(ConfigTypeError, match="max_iter must be int"):
+        SolveConfig(max_iter="40")
+    assert issubclass(ConfigTypeError, TypeError) and issubclass(ConfigError, UsageError)
 
 
 def test_progressive_alone_skips_the_full_depth_gradient():
