@@ -64,7 +64,7 @@ def score(model, task, solve, batch: Batch, max_iter: int) -> np.ndarray:
         for start in range(0, len(batch), 256):
             part = Batch(batch.inputs[start:start + 256], batch.targets[start:start + 256],
                          batch.difficulty[start:start + 256])
-            logits, _, _ = model(part.inputs, solve, max_iter=max_iter)
+            logits, _ = model(part.inputs, solve, max_iter=max_iter)
             out.append(task.exact_match(task.predict(logits, part.inputs), part).numpy())
     return np.concatenate(out)
 

@@ -50,7 +50,7 @@ def measure(backward: str, iters: int) -> tuple[float, float]:
                         b_solver="fixed_point_iter", b_max_iter=iters, b_tol=1e-30)
 
     def step():
-        logits, result, _ = model(batch.inputs, solve)
+        logits, result = model(batch.inputs, solve)
         task.loss(logits, batch.targets).backward()
         model.zero_grad(set_to_none=True)
         assert result.n_f_evals >= iters

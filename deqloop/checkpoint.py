@@ -22,7 +22,8 @@ from torch import nn
 
 import deqloop
 from deqloop.model import LoopedTransformer, ModelConfig, SolveConfig, build_model
-from deqloop.errors import CheckpointError, ConfigError
+from deqloop.errors import CheckpointError
+from deqloop.io import atomic_file
 from tasks import Task, TaskInputError, get_task
 
 FORMAT = "deqloop-checkpoint"  # the `format` key; tells a deqloop checkpoint from any other torch file
@@ -62,16 +63,8 @@ def save_checkpoint(path: str | Path, *, model: nn.Module, optimizer: torch.opti
     }
     # Same directory, so os.replace is a rename on one filesystem (atomic on POSIX).
     remove_stale_temps(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as fh:
-            torch.save(state, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_file(path, "wb", fsync=True) as fh:
+        torch.save(state, fh)
     return path
 
 

@@ -21,7 +21,6 @@ import argparse
 import os
 import signal
 import sys
-from dataclasses import MISSING, fields
 from pathlib import Path
 
 import torch
@@ -31,11 +30,16 @@ from deqloop.checkpoint import configs, load_checkpoint, load_model, with_solver
 from deqloop.diagnose import DiagnoseSettings, diagnose_checkpoint
 from deqloop.diagnose import plot as plot_diagnose
 from deqloop.diagnose import print_table as print_diagnose
-from deqloop.evaluate import EVAL_N, evaluate_checkpoint, plot, plot_training, print_table, write_json
-from deqloop.model import BACKWARDS, NORMS, RECALLS, RELATIONS, Z0S, ModelConfig, SolveConfig, task_configs
-from deqloop.errors import USER_ERRORS, CheckpointError, UsageError
-from deqloop.train import RUN_CONTROL, Interrupted, TrainConfig, resolve_device, train
-from tasks import TASKS, get_task
+from deqloop.evaluate import EVAL_N, evaluate_checkpoint, plot, plot_training, print_table
+from deqloop.cli_args import (check_outputs, difficulty_list, int_list, name_list, non_negative_int, none_or_str,
+                              one_line, positive_float, positive_int, seed_list, solver_option, window_arg)
+from deqloop.cli_config import (CONFIGS, SET_BY_TASK, TRAIN_FLAGS, config_json, default, recipe_text,  # noqa: F401
+                                train_configs)
+from deqloop.model import BACKWARDS, NORMS, RECALLS, RELATIONS, Z0S, ModelConfig, SolveConfig
+from deqloop.errors import USER_ERRORS, UsageError
+from deqloop.io import progress_bar, resolve_device, write_json
+from deqloop.train import RUN_CONTROL, Interrupted, TrainConfig, train
+from tasks import TASKS
 
 EXIT_USAGE = 2
 
@@ -45,60 +49,6 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(EXIT_USAGE, f"error: {message} (see {self.prog} --help)\n")
-
-
-def _int_list(text: str, low: int, example: str) -> tuple[int, ...]:
-    parts = [v.strip() for v in text.split(",") if v.strip()]
-    if not parts or not all(v.lstrip("-").isdigit() for v in parts):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers such as {example}, got {text!r}")
-    values = tuple(int(v) for v in parts)
-    if any(v < low for v in values):
-        raise argparse.ArgumentTypeError(f"expected integers >= {low} such as {example}, got {text!r}")
-    return values
-
-
-def int_list(text: str) -> tuple[int, ...]:
-    """'16,32,64' -> (16, 32, 64): positive integers (iteration budgets)."""
-    return _int_list(text, 1, "16,32")
-
-
-def difficulty_list(text: str) -> tuple[int, ...]:
-    """'0,1' -> (0, 1): difficulties may be 0 (sudoku's bucket 0); a task rejects those it has no data for."""
-    return _int_list(text, 0, "0,1")
-
-
-def int_at_least(low: int, what: str):
-    """An argparse type: an integer >= low, else the error 'expected {what}'."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = low - 1
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
-        return value
-    return parse
-
-
-positive_int = int_at_least(1, "a positive integer")
-non_negative_int = int_at_least(0, "an integer >= 0")
-
-
-def window_arg(text: str) -> int | None:
-    if text.lower() in ("none", "global"):
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer or 'none', got {text!r}") from None
-
-
-def none_or_str(text: str) -> str | None:
-    return None if text.lower() == "none" else text
-
-
-def one_line(e: BaseException) -> str:
-    return " ".join(line.strip() for line in str(e).splitlines() if line.strip()) or type(e).__name__
 
 
 def device_arg(name: str) -> torch.device:
@@ -113,22 +63,66 @@ def device_arg(name: str) -> torch.device:
 
 # ------------------------------------------------------------------------------------- train
 
-CONFIGS = {"model": ModelConfig, "solve": SolveConfig, "train": TrainConfig}
-# flag dest -> (config, field): the field's own name, except --heads
-TRAIN_FLAGS = {
-    **{name: ("model", name) for name in ("recall", "norm", "z0", "d_model", "mlp_ratio", "window",
-                                          "n_positions", "relations")},
-    "heads": ("model", "n_heads"),
-    **{name: ("solve", name) for name in ("solver", "max_iter", "tol", "backward", "b_solver", "b_max_iter",
-                                          "b_tol", "phantom_steps", "progressive_alpha", "loss_every",
-                                          "detach_iters", "detach_random", "solver_options")},
-    **{f.name: ("train", f.name) for f in fields(TrainConfig) if f.name != "task"},
+
+# --help of every training flag, by group: dest -> (help, argparse options). One entry per
+# TRAIN_FLAGS key (tests/test_cli.py checks that every config field has its flag).
+FLAG_HELP = {
+    "model": {
+        "recall": ("input injection", {"choices": RECALLS}),
+        "norm": ("normalization placement", {"choices": NORMS}),
+        "z0": ("initial state", {"choices": Z0S}),
+        "d_model": ("width of the loop state", {"type": int}),
+        "heads": ("attention heads", {"type": int}),
+        "mlp_ratio": ("MLP width / d_model", {"type": int}),
+        "window": ("local attention window, or 'none' for global attention",
+                   {"type": window_arg, "shown": f"the task's, else {default(ModelConfig, 'window')}"}),
+        "n_positions": ("learned absolute positions, 0 for none", {"type": int, "shown": "the task's, else 0"}),
+        "relations": ("board-structured attention: " + ", ".join(RELATIONS) + ", or 'none'",
+                      {"type": none_or_str, "shown": "the task's, else none"}),
+        "causal": ("attend to earlier positions only (--no-causal: to all)",
+                   {"action": argparse.BooleanOptionalAction, "shown": f"the task's, else {default(ModelConfig, 'causal')}"}),
+        "z0_seed": ("seed of the random initial state (--z0 random)", {"type": int}),
+    },
+    "solver": {
+        "solver": ("forward solver (see solvers.SOLVERS)", {}),
+        "max_iter": ("forward iterations at most", {"type": int}),
+        "tol": ("relative residual at which a sample stops", {"type": float}),
+        "solver_options": ("a forward-solver option KEY=VALUE (anderson: m, beta, reg, block_size, safeguard; "
+                           "fixed_point_iter: tau), repeatable",
+                           {"type": solver_option, "action": "append", "metavar": "KEY=VALUE", "shown": "none",
+                            "option": "--solver-option"}),
+        "backward": ("gradient", {"choices": BACKWARDS}),
+        "b_solver": ("solver of the IFT adjoint system", {}),
+        "b_max_iter": ("adjoint iterations at most", {"type": int}),
+        "b_tol": ("adjoint tolerance", {"type": float}),
+        "phantom_steps": ("steps of the phantom gradient and of the progressive loss", {"type": int}),
+        "progressive_alpha": ("weight of the progressive loss term", {"type": float}),
+        "loss_every": ("unroll: also score every N-th iterate (loss along the loop), 0 for the last only",
+                       {"type": int}),
+        "detach_iters": ("unroll: the first N of the max-iter iterations run without gradient", {"type": int}),
+        "detach_random": ("unroll: draw that no-gradient prefix from 0..N at every step (the differentiated "
+                          "segment keeps its length)", {"action": "store_const", "const": True}),
+    },
+    "training": {
+        "seed": ("seed of the init, the data and the progressive depth", {"type": int}),
+        "steps": ("optimizer steps", {"type": int}),
+        "batch_size": ("examples per step, over all processes", {"type": int}),
+        "lr": ("peak learning rate", {"type": float}),
+        "weight_decay": ("AdamW weight decay", {"type": float}),
+        "warmup_steps": ("linear warmup steps", {"type": int}),
+        "min_lr_ratio": ("cosine floor as a fraction of lr", {"type": float}),
+        "grad_clip": ("gradient norm clip, 0 for none", {"type": float}),
+        "train_difficulties": ("comma-separated", {"shown": "the task's", "type": difficulty_list}),
+        "test_difficulties": ("comma-separated", {"shown": "the task's", "type": difficulty_list}),
+        "eval_every": ("evaluate every N steps, 0 for never", {"type": int}),
+        "eval_size": ("test examples per difficulty", {"type": int}),
+        "log_every": ("a metrics.jsonl train row every N steps", {"type": int}),
+        "ckpt_every": ("save the checkpoint every N steps, 0 for the end only", {"type": int}),
+        "keep_checkpoints": ("also keep checkpoint_step{N}.pt of every save", {"action": "store_const", "const": True}),
+        "out_dir": ("output directory", {"shown": "runs/<task>", "metavar": "DIR"}),
+        "device": ("auto, cpu, cuda, cuda:1 ...", {}),
+    },
 }
-
-
-def default(cls, name: str):
-    (f,) = [f for f in fields(cls) if f.name == name]
-    return f.default if f.default is not MISSING else f.default_factory()
 
 
 def add_train(p: argparse.ArgumentParser) -> None:
@@ -155,151 +149,10 @@ def add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from <out-dir>/checkpoint.pt with its settings; only "
                         + ", ".join("--" + f.replace("_", "-") for f in RUN_CONTROL) + " may be given anew")
-    g = p.add_argument_group("model")
-    flag(g, "recall", "input injection", choices=RECALLS)
-    flag(g, "norm", "normalization placement", choices=NORMS)
-    flag(g, "z0", "initial state", choices=Z0S)
-    flag(g, "d_model", "width of the loop state", type=int)
-    flag(g, "heads", "attention heads", type=int)
-    flag(g, "mlp_ratio", "MLP width / d_model", type=int)
-    flag(g, "window", "local attention window, or 'none' for global attention", type=window_arg,
-         shown=f"the task's, else {default(ModelConfig, 'window')}")
-    flag(g, "n_positions", "learned absolute positions, 0 for none", type=int, shown="the task's, else 0")
-    flag(g, "relations", "board-structured attention: " + ", ".join(RELATIONS) + ", or 'none'",
-         type=none_or_str, shown="the task's, else none")
-    g = p.add_argument_group("solver")
-    flag(g, "solver", "forward solver (see solvers.SOLVERS)")
-    flag(g, "max_iter", "forward iterations at most", type=int)
-    flag(g, "tol", "relative residual at which a sample stops", type=float)
-    flag(g, "solver_options", "a forward-solver option KEY=VALUE (anderson: m, beta, reg, block_size, safeguard; "
-         "fixed_point_iter: tau), repeatable", type=solver_option, action="append", metavar="KEY=VALUE",
-         shown="none", option="--solver-option")
-    flag(g, "backward", "gradient", choices=BACKWARDS)
-    flag(g, "b_solver", "solver of the IFT adjoint system")
-    flag(g, "b_max_iter", "adjoint iterations at most", type=int)
-    flag(g, "b_tol", "adjoint tolerance", type=float)
-    flag(g, "phantom_steps", "steps of the phantom gradient and of the progressive loss", type=int)
-    flag(g, "progressive_alpha", "weight of the progressive loss term", type=float)
-    flag(g, "loss_every", "unroll: also score every N-th iterate (loss along the loop), 0 for the last only",
-         type=int)
-    flag(g, "detach_iters", "unroll: the first N of the max-iter iterations run without gradient", type=int)
-    flag(g, "detach_random", "unroll: draw that no-gradient prefix from 0..N at every step (the differentiated "
-         "segment keeps its length)", action="store_const", const=True)
-    g = p.add_argument_group("training")
-    flag(g, "seed", "seed of the init, the data and the progressive depth", type=int)
-    flag(g, "steps", "optimizer steps", type=int)
-    flag(g, "batch_size", "examples per step, over all processes", type=int)
-    flag(g, "lr", "peak learning rate", type=float)
-    flag(g, "weight_decay", "AdamW weight decay", type=float)
-    flag(g, "warmup_steps", "linear warmup steps", type=int)
-    flag(g, "min_lr_ratio", "cosine floor as a fraction of lr", type=float)
-    flag(g, "grad_clip", "gradient norm clip, 0 for none", type=float)
-    flag(g, "train_difficulties", "comma-separated", shown="the task's", type=difficulty_list)
-    flag(g, "test_difficulties", "comma-separated", shown="the task's", type=difficulty_list)
-    flag(g, "eval_every", "evaluate every N steps, 0 for never", type=int)
-    flag(g, "eval_size", "test examples per difficulty", type=int)
-    flag(g, "log_every", "a metrics.jsonl train row every N steps", type=int)
-    flag(g, "ckpt_every", "save the checkpoint every N steps, 0 for the end only", type=int)
-    flag(g, "keep_checkpoints", "also keep checkpoint_step{N}.pt of every save", action="store_const", const=True)
-    flag(g, "out_dir", "output directory", shown="runs/<task>", metavar="DIR")
-    flag(g, "device", "auto, cpu, cuda, cuda:1 ...")
-
-
-def train_configs(args) -> tuple[TrainConfig, ModelConfig, SolveConfig]:
-    """The configs from the flags: an explicit flag, else the task's model_defaults / solve_defaults,
-    else the dataclass default."""
-    given = {kind: {} for kind in CONFIGS}
-    if getattr(args, "config", None):
-        from_file = read_config(args.config)
-        if args.task and from_file["task"] != args.task:
-            raise UsageError(f"--task {args.task} differs from {args.config}'s task {from_file['task']!r}")
-        args.task = from_file["task"]
-        given = {kind: dict(from_file.get(kind) or {}) for kind in CONFIGS}
-    if not args.task:
-        raise UsageError("the following arguments are required: --task (or --config FILE)")
-    task = get_task(args.task)
-    for dest, (kind, name) in TRAIN_FLAGS.items():
-        if hasattr(args, dest):  # an explicit flag wins over the file
-            value = getattr(args, dest)
-            given[kind][name] = dict(value) if dest == "solver_options" else value
-    preset = getattr(args, "preset", None)
-    recipe = task.recipe(preset)
-    if args.resume:  # a repeated --preset must agree with the checkpoint, like a repeated flag
-        over = task.presets.get(preset, {}) if preset else {}
-        return resumed_configs(args.task, {kind: {**over.get(kind, {}), **values} for kind, values in given.items()})
-    model_cfg, solve_cfg = task_configs(task, given["model"], given["solve"], preset)
-    return TrainConfig(task=args.task, **{**recipe["train"], **given["train"]}), model_cfg, solve_cfg
-
-
-def read_config(path: str) -> dict:
-    """{"task", "train", "model", "solve"} from a config.json a run wrote (or --print-config's output)."""
-    import json
-
-    try:
-        data = json.loads(Path(path).read_text())
-    except OSError as e:
-        raise UsageError(f"cannot read --config {path}: {e.strerror}") from None
-    except ValueError as e:
-        raise UsageError(f"--config {path} is not JSON: {one_line(e)}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("task"), str):
-        raise UsageError(f"--config {path}: expected an object with a task and train / model / solve sections")
-    extra = sorted(set(data) - {"task", *CONFIGS})
-    if extra:
-        raise UsageError(f"--config {path}: unknown sections {', '.join(extra)} (expected task, {', '.join(CONFIGS)})")
-    for kind, cls in CONFIGS.items():
-        section = data.get(kind) or {}
-        if not isinstance(section, dict):
-            raise UsageError(f"--config {path}: {kind} is not an object")
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(section) - names)
-        if unknown:
-            raise UsageError(f"--config {path}: unknown {kind} fields {', '.join(unknown)}")
-        for fixed in ("task", "vocab_size", "n_classes"):  # set by the task, not by a config
-            section.pop(fixed, None)
-        data[kind] = section
-    return data
-
-
-def config_json(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig) -> str:
-    """The configs as the JSON of a run's config.json (what --config reads back)."""
-    import json
-
-    return json.dumps({"task": cfg.task, "train": cfg.to_dict(), "model": model_cfg.to_dict(),
-                       "solve": solve_cfg.to_dict()}, indent=1)
-
-
-def recipe_text(task) -> str:
-    """The task's training-recipe fields in one line, for --help."""
-    recipe = task.recipe()
-    text = ", ".join(f"{k}={v}" for kind in ("model", "solve", "train") for k, v in recipe[kind].items())
-    if task.presets:
-        text += " (presets: " + ", ".join(task.presets) + ")"
-    return text
-
-
-def resumed_configs(task: str, given: dict) -> tuple[TrainConfig, ModelConfig, SolveConfig]:
-    """The checkpoint's configs; a flag may repeat a stored value or change a RUN_CONTROL field, nothing else."""
-    out_dir = given["train"].get("out_dir") or str(Path("runs") / task)
-    ckpt = load_checkpoint(Path(out_dir) / "checkpoint.pt")
-    if ckpt["task"] != task:
-        raise UsageError(f"{ckpt['path']} is a {ckpt['task']!r} run, not {task!r}")
-    model_cfg, solve_cfg = configs(ckpt)
-    try:
-        ckpt["train_config"] = TrainConfig.from_dict(ckpt["train_config"]).to_dict()
-    except (TypeError, ValueError) as e:
-        raise CheckpointError(f"checkpoint {ckpt['path']}: its train config does not fit this deqloop "
-                              f"({type(e).__name__}: {one_line(e)})") from None
-    stored = {"model": model_cfg.to_dict(), "solve": solve_cfg.to_dict(), "train": ckpt["train_config"]}
-    for kind, values in given.items():
-        for name, value in values.items():
-            old = stored[kind][name]
-            old = tuple(old) if isinstance(old, list) else old
-            if name not in RUN_CONTROL and value != old:
-                flag = "--" + next(d for d, kn in TRAIN_FLAGS.items() if kn == (kind, name)).replace("_", "-")
-                raise UsageError(f"{flag} {value} differs from the checkpoint's {name}={old!r}; a resumed run "
-                                 f"keeps its settings (only {', '.join(RUN_CONTROL)} may change)")
-    run_control = {k: v for k, v in given["train"].items() if k in RUN_CONTROL}
-    return TrainConfig.from_dict({**ckpt["train_config"], **run_control, "out_dir": out_dir}), model_cfg, solve_cfg
+    for title, group in FLAG_HELP.items():
+        g = p.add_argument_group(title)
+        for dest, (help, options) in group.items():
+            flag(g, dest, help, **options)
 
 
 def run_train(args) -> int:
@@ -356,24 +209,6 @@ def print_run_summary(path: Path, cfg: TrainConfig) -> None:
 
 # ------------------------------------------------------------------------------------- eval
 
-def solver_option(text: str) -> tuple[str, object]:
-    """KEY=VALUE of --solver-option: VALUE as an int, a float, true/false, else a string."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. m=6), got {text!r}")
-    value: object = raw.strip()
-    lowered = raw.strip().lower()
-    if lowered in ("true", "false"):
-        value = lowered == "true"
-    else:
-        for kind in (int, float):
-            try:
-                value = kind(raw)
-                break
-            except ValueError:
-                pass
-    return key.strip(), value
-
 
 def checked_solver(solve: SolveConfig, args) -> SolveConfig:
     return with_solver(solve, **solver_override(args))  # ConfigError on an unknown solver or option
@@ -406,19 +241,6 @@ def add_eval(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
 
 
-def check_outputs(files=(), dirs=()) -> None:
-    """Fail before the work, not after it: each of `files` must be writable as a file, each of
-    `dirs` usable as a directory (created later if missing)."""
-    for path, want_dir in [(Path(f), False) for f in files] + [(Path(d), True) for d in dirs]:
-        if not path.parent.is_dir():
-            raise UsageError(f"cannot write {path}: directory {path.parent} does not exist")
-        if path.exists() and path.is_dir() != want_dir:
-            raise UsageError(f"cannot write {path}: it is {'a file' if want_dir else 'a directory'}, "
-                             f"not {'a directory' if want_dir else 'a file'}")
-        if not os.access(path if path.exists() else path.parent, os.W_OK):
-            raise UsageError(f"cannot write {path}: permission denied")
-
-
 def run_eval(args) -> int:
     json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "eval.json"
     plot_path = Path(args.plot) if args.plot else Path(args.checkpoint).parent / "eval.png"
@@ -426,12 +248,8 @@ def run_eval(args) -> int:
     device = device_arg(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     checked_solver(configs(ckpt)[1], args)  # a bad file or override: one line, before any work
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
     console = Console(stderr=True)
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
-                  TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-                  transient=True) as bar:
+    with progress_bar(console=console, transient=True) as bar:
         job = bar.add_task("evaluating", total=None)
 
         def progress(d, k, done, total):
@@ -473,7 +291,7 @@ def run_solve(args) -> int:
     tokens = task.parse(args.input).to(device)  # a malformed INPUT: TaskInputError, one line from main
     max_iter = args.max_iter or max(solve_cfg.max_iter, task.solve_max_iter(tokens))
     with torch.no_grad():  # an input longer than a fixed-size model's positions: InputError
-        logits, result, _ = model(tokens, solve_cfg, max_iter=max_iter)
+        logits, result = model(tokens, solve_cfg, max_iter=max_iter)
     pred = task.predict(logits, tokens)
     print(task.decode(tokens[0].cpu(), pred[0].cpu()))
     verdict = task.verdict(tokens[0].cpu(), pred[0].cpu())
@@ -486,15 +304,6 @@ def run_solve(args) -> int:
 
 
 # ------------------------------------------------------------------------------------- diagnose
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
 
 
 def add_diagnose(p: argparse.ArgumentParser) -> None:
@@ -531,10 +340,7 @@ def run_diagnose(args) -> int:
     device = device_arg(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     checked_solver(configs(ckpt)[1], args)  # a bad file or override: one line, before the progress bar
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+    with progress_bar(transient=True) as bar:
         job = bar.add_task("diagnosing", total=None)
         report = diagnose_checkpoint(
             ckpt, difficulties=args.difficulties, settings=settings, device=device,
@@ -543,7 +349,7 @@ def run_diagnose(args) -> int:
     print_diagnose(report)
     try:
         plot_dir.mkdir(exist_ok=True)
-        write_json(report, json_path)
+        write_json(report.to_dict(), json_path)
         paths = plot_diagnose(report, plot_dir)
     except OSError as e:
         raise UsageError(f"cannot write {e.filename or json_path}: {e.strerror or one_line(e)}") from None
@@ -552,19 +358,6 @@ def run_diagnose(args) -> int:
 
 
 # ------------------------------------------------------------------------------------- grid
-
-def name_list(text: str) -> tuple[str, ...]:
-    names = tuple(v.strip() for v in text.split(",") if v.strip())
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
-    return names
-
-
-def seed_list(text: str) -> tuple[int, ...]:
-    parts = [v.strip() for v in text.split(",") if v.strip()]
-    if not parts or not all(v.isdigit() for v in parts):
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 0 such as 0,1,2, got {text!r}")
-    return tuple(int(v) for v in parts)
 
 
 def add_grid(p: argparse.ArgumentParser) -> None:
@@ -588,8 +381,6 @@ def add_grid(p: argparse.ArgumentParser) -> None:
 def run_grid_command(args) -> int:
     from dataclasses import replace
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from deqloop.grid import GRIDS, check_spec, run_grid
     from deqloop.grid_report import summarize, write_report
 
@@ -603,8 +394,7 @@ def run_grid_command(args) -> int:
     spec = replace(spec, **changes)
     check_spec(spec)  # GridError (a UsageError) on unknown names, before any work
     if not args.report_only:
-        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-        with Progress(*columns, console=Console(stderr=True)) as bar:
+        with progress_bar() as bar:
             job = bar.add_task(f"grid {spec.task}", total=len(spec.cells()))
             run_grid(spec, args.root, jobs=args.jobs, progress=lambda done, total, name: bar.update(
                 job, completed=done, total=total, description=f"grid {spec.task}" + (f" ({name} done)" if name else "")))

@@ -26,9 +26,9 @@ from typing import Callable
 import numpy as np
 import torch
 from scipy.sparse.csgraph import connected_components
-from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigs, eigsh, gmres, svds
 from torch import Tensor
 
+from deqloop import krylov as kr
 from solvers import SolverResult, solve
 
 Cell = Callable[[Tensor, Tensor], Tensor]
@@ -107,37 +107,6 @@ class Linearization:
 def _fix_input(f: Cell, x: Tensor):
     """f(., x) as a solver calls it, also on the active rows `idx` (options subbatch=True)."""
     return lambda z, idx=None: f(z, x if idx is None else x[idx])
-
-
-def _operator(n: int, matvec, rmatvec=None) -> LinearOperator:
-    return LinearOperator((n, n), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
-
-
-def _as_torch(fn, like: Tensor):
-    """A numpy (n,) -> numpy (n,) function from a torch function on one sample shaped like `like`."""
-
-    def apply(u: np.ndarray) -> np.ndarray:
-        t = torch.as_tensor(np.ascontiguousarray(u, dtype=np.float64).reshape(like.shape))
-        return fn(t.to(like.device, like.dtype)).reshape(-1).double().cpu().numpy()
-
-    return apply
-
-
-def _gmres(matvec, b: np.ndarray, *, rtol: float, max_matvecs: int, restart: int = 200):
-    """Solve A u = b by GMRES: (u, converged, iterations, relative residual ||b - Au|| / ||b||)."""
-    n = b.size
-    if not np.any(b):
-        return np.zeros_like(b), True, 0, 0.0
-    count = [0]
-    restart = max(1, min(n, restart))
-
-    def tick(_):
-        count[0] += 1
-
-    u, _ = gmres(_operator(n, matvec), b, rtol=rtol, atol=0.0, restart=restart,
-                 maxiter=max(1, math.ceil(max_matvecs / restart)), callback=tick, callback_type="pr_norm")
-    res = float(np.linalg.norm(b - matvec(u)) / np.linalg.norm(b))
-    return u, res <= 10 * rtol, count[0], res
 
 
 # ------------------------------------------------------------------------------------- reachability
@@ -367,8 +336,8 @@ def ift_tangent(f: Cell, x: Tensor, z_star: Tensor, v: Tensor, *, rtol: float = 
         lin = Linearization(f, x[b: b + 1], z_star[b: b + 1])
         rhs = lin.dfdx(v[b: b + 1])
         direct[b] = rhs[0]
-        a = _as_torch(lambda u: u - lin.jvp(u), rhs)
-        u, conv[b], iters[b], resid[b] = _gmres(a, rhs.reshape(-1).double().cpu().numpy(), rtol=rtol,
+        a = kr.as_torch(lambda u: u - lin.jvp(u), rhs)
+        u, conv[b], iters[b], resid[b] = kr.gmres(a, rhs.reshape(-1).double().cpu().numpy(), rtol=rtol,
                                                 max_matvecs=max_matvecs)
         tangent[b] = torch.as_tensor(u).reshape(rhs.shape[1:]).to(z_star)
     return tangent, direct, conv, iters, resid
@@ -442,94 +411,6 @@ def _dense_jacobian(lin: Linearization, like: Tensor) -> np.ndarray:
                     axis=1)
 
 
-def _start_vector(n: int, seed: int) -> np.ndarray:
-    v = np.random.default_rng(seed).standard_normal(n)
-    return v / np.linalg.norm(v)
-
-
-class _Exhausted(Exception):
-    """A Krylov computation spent its budget of products with J, or an inner solve failed."""
-
-
-class _Budget:
-    """Counts products with J or J^T; the one past `limit` raises `_Exhausted`.
-
-    Near rho(J) = 1 or a singular I - J, ARPACK and GMRES can iterate for a very long time;
-    a budget keeps `diagnose` bounded and reports such a quantity as not converged.
-    """
-
-    def __init__(self, limit: int):
-        self.used, self.limit = 0, limit
-
-    def wrap(self, fn):
-        def counted(u):
-            self.used += 1
-            if self.used > self.limit:
-                raise _Exhausted
-            return fn(u)
-
-        return counted
-
-
-def _spectral_radius(j_mv, n: int, seed: int, tol: float, budget: _Budget) -> tuple[float, bool]:
-    """Largest |eigenvalue| of J by implicitly restarted Arnoldi (ARPACK)."""
-    k = min(3, n - 2)  # a few Ritz values: the dominant one of a real matrix may be a complex pair
-    try:
-        vals = eigs(_operator(n, budget.wrap(j_mv)), k=k, which="LM", v0=_start_vector(n, seed), tol=tol,
-                    maxiter=budget.limit, ncv=min(n, max(2 * k + 1, 30)), return_eigenvectors=False)
-        return float(np.abs(vals).max()), True
-    except ArpackNoConvergence as e:
-        return (float(np.abs(e.eigenvalues).max()) if len(e.eigenvalues) else math.nan), False
-    except (ArpackError, _Exhausted):
-        return math.nan, False
-
-
-def _sigma_max(mv, rmv, n: int, seed: int, tol: float, budget: _Budget) -> tuple[float, bool]:
-    """Largest singular value by Lanczos on A^T A (ARPACK through svds)."""
-    try:
-        s = svds(_operator(n, budget.wrap(mv), budget.wrap(rmv)), k=1, which="LM", v0=_start_vector(n, seed),
-                 tol=tol, maxiter=budget.limit, return_singular_vectors=False)
-        return float(s.max()), True
-    except ArpackNoConvergence as e:
-        return (float(np.sqrt(np.abs(e.eigenvalues).max())) if len(e.eigenvalues) else math.nan), False
-    except (ArpackError, _Exhausted):
-        return math.nan, False
-
-
-SIGMA_MIN_RTOL = 1e-8  # inner GMRES tolerance of the sigma_min iteration (ample for a 1e-3 estimate)
-
-
-def _sigma_min(a_mv, at_mv, n: int, seed: int, *, tol: float, budget: _Budget) -> tuple[float, bool]:
-    """Smallest singular value of A: Lanczos (ARPACK) for the largest eigenvalue of (A^T A)^{-1}.
-
-    Each product with (A^T A)^{-1} solves A y = w, then A^T w' = y, by GMRES; sigma_min =
-    1 / sqrt(lambda_max). Lanczos, not plain inverse iteration: the two smallest singular values
-    of the trained loops are often within a few percent, where power steps crawl. A GMRES solve
-    that fails (I - J singular or nearly so) ends the computation: nan, not converged.
-    """
-    a_mv, at_mv = budget.wrap(a_mv), budget.wrap(at_mv)
-
-    def inverse(w: np.ndarray) -> np.ndarray:
-        y, ok, _, _ = _gmres(a_mv, w.reshape(-1), rtol=SIGMA_MIN_RTOL, max_matvecs=budget.limit - budget.used)
-        if not ok:
-            raise _Exhausted
-        w_new, ok, _, _ = _gmres(at_mv, y, rtol=SIGMA_MIN_RTOL, max_matvecs=budget.limit - budget.used)
-        if not ok:
-            raise _Exhausted
-        return w_new
-
-    try:
-        lam = eigsh(_operator(n, inverse), k=1, which="LM", ncv=min(n, 6), v0=_start_vector(n, seed), tol=tol,
-                    maxiter=budget.limit, return_eigenvectors=False)
-        ok = True
-    except ArpackNoConvergence as e:
-        lam, ok = e.eigenvalues, False
-    except (ArpackError, _Exhausted):
-        return math.nan, False
-    lam = float(np.max(lam)) if len(lam) else math.nan
-    return (1 / math.sqrt(lam) if lam > 0 else math.nan), ok
-
-
 def adjoint_solve(f: Cell, x: Tensor, z_star: Tensor, *, seed: int = 0, method: str = "anderson",
                   options: dict | None = None) -> SolverResult:
     """Solve g = J^T g + w for a seeded unit w (B, ...) with `solvers.solve`, as the IFT backward does."""
@@ -561,14 +442,14 @@ def geometry(f: Cell, x: Tensor, z_star: Tensor, *, seed: int = 0, tol: float = 
             s_a = np.linalg.svd(np.eye(n) - jac, compute_uv=False)
             vals = (np.abs(np.linalg.eigvals(jac)).max(), np.linalg.norm(jac, 2), s_a.max(), s_a.min(), True, n)
         else:
-            j_mv, jt_mv = _as_torch(lin.jvp, like), _as_torch(lin.vjp, like)
-            a_mv = _as_torch(lambda u: u - lin.jvp(u), like)  # I - J
-            at_mv = _as_torch(lambda u: u - lin.vjp(u), like)
-            budgets = [_Budget(max_matvecs) for _ in range(3)] + [_Budget(4 * max_matvecs)]
-            rho, ok_rho = _spectral_radius(j_mv, n, seed, tol, budgets[0])
-            jnorm, ok_j = _sigma_max(j_mv, jt_mv, n, seed, tol, budgets[1])
-            smax, ok_a = _sigma_max(a_mv, at_mv, n, seed, tol, budgets[2])
-            smin, ok_m = _sigma_min(a_mv, at_mv, n, seed, tol=tol, budget=budgets[3])
+            j_mv, jt_mv = kr.as_torch(lin.jvp, like), kr.as_torch(lin.vjp, like)
+            a_mv = kr.as_torch(lambda u: u - lin.jvp(u), like)  # I - J
+            at_mv = kr.as_torch(lambda u: u - lin.vjp(u), like)
+            budgets = [kr.Budget(max_matvecs) for _ in range(3)] + [kr.Budget(4 * max_matvecs)]
+            rho, ok_rho = kr.spectral_radius(j_mv, n, seed, tol, budgets[0])
+            jnorm, ok_j = kr.sigma_max(j_mv, jt_mv, n, seed, tol, budgets[1])
+            smax, ok_a = kr.sigma_max(a_mv, at_mv, n, seed, tol, budgets[2])
+            smin, ok_m = kr.sigma_min(a_mv, at_mv, n, seed, tol=tol, budget=budgets[3])
             vals = (rho, jnorm, smax, smin, ok_rho and ok_j and ok_a and ok_m, sum(b.used for b in budgets))
         for key, val in zip(cols, vals):
             cols[key].append(val)

@@ -1,7 +1,7 @@
 """Exact-match accuracy per difficulty and test-time iteration budget, on fixed seeded test sets.
 
     report = evaluate_checkpoint("runs/prefix_sums/checkpoint.pt", iters=[40, 80, 160, 320])
-    print_table(report); write_json(report, "eval.json"); plot(report, "eval.png")
+    print_table(report); deqloop.io.write_json(report, "eval.json"); plot(report, "eval.png")
 
 The question the grid answers (DESIGN §4): does a loop trained on easy examples solve harder
 ones when it is allowed to iterate more? Rows are difficulties, columns `max_iter` budgets.
@@ -9,9 +9,7 @@ ones when it is allowed to iterate more? Rows are difficulties, columns `max_ite
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from pathlib import Path
 
 import numpy as np
@@ -63,7 +61,7 @@ def evaluate(model: nn.Module, task: Task, solve: SolveConfig, batch: Batch, *, 
     for start in range(0, len(batch), chunk):
         rows = slice(start, start + chunk)
         part = Batch(batch.inputs[rows], batch.targets[rows], batch.difficulty[rows]).to(device)
-        logits, result, _ = model(part.inputs, solve, max_iter=max_iter)
+        logits, result = model(part.inputs, solve, max_iter=max_iter)
         pred = task.predict(logits, part.inputs)
         right = task.exact_match(pred, part)
         correct += int(right.sum())
@@ -99,7 +97,7 @@ def evaluate_checkpoint(path: str | Path | dict, *, difficulties=None, iters=Non
                         device: str | torch.device = "cpu", progress=None, solver: str | None = None,
                         solver_options: dict | None = None) -> dict:
     """The accuracy grid (difficulty x max_iter) of a checkpoint (a path, a shipped model's name, or
-    what load_checkpoint returned), as a plain dict (see `write_json`).
+    what load_checkpoint returned), as a plain dict (see deqloop.io.write_json).
 
     Defaults: the run's test difficulties, `default_iters`, EVAL_N examples per difficulty, and the
     run's forward solver (`solver`, `solver_options`: another, see checkpoint.with_solver).
@@ -160,18 +158,6 @@ def print_table(report: dict, console: Console | None = None) -> None:
         for key in (k for k in c if k.startswith("by_")):
             parts = [f"{v}: {100 * g['acc']:.0f}% of {g['n']}" for v, g in c[key].items()]
             console.print(f"difficulty {d}, max_iter {c['max_iter']}, exact by {key[3:]}: " + ", ".join(parts))
-
-
-def write_json(report: dict, path: str | Path) -> None:
-    """Every number of the report as strict JSON (a non-finite value is written as null), atomically."""
-    clean = json.loads(json.dumps(report), parse_constant=lambda _: None)
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(clean, indent=1, allow_nan=False) + "\n")
-        os.replace(tmp, path)
-    finally:  # a full disk leaves no empty temp file behind
-        tmp.unlink(missing_ok=True)
 
 
 def plot(report: dict, path: str | Path) -> None:

@@ -47,8 +47,8 @@ class GridError(UsageError):
 @dataclass(frozen=True)
 class GridSpec:
     task: str
-    recalls: tuple[str, ...] = ("none", "standard", "internal")
-    norms: tuple[str, ...] = ("none", "pre", "post", "outer")
+    recalls: tuple[str, ...] = RECALLS
+    norms: tuple[str, ...] = NORMS
     seeds: tuple[int, ...] = (0, 1, 2)
     train: dict = field(default_factory=dict)  # TrainConfig fields (beyond task, seed, out_dir)
     model: dict = field(default_factory=dict)  # ModelConfig fields over the task's model_defaults
@@ -144,7 +144,7 @@ def claim_root(spec: GridSpec, root: str | Path) -> Path:
             raise GridError(f"{base} holds a grid with other settings ({', '.join(changed) or 'grid version'} "
                             "differ); choose another root or remove it")
         return base
-    from deqloop.evaluate import write_json
+    from deqloop.io import write_json
 
     base.mkdir(parents=True, exist_ok=True)
     write_json(mine, path)
@@ -293,7 +293,8 @@ def _run_cell(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: in
 
     from deqloop.checkpoint import load_checkpoint
     from deqloop.diagnose import DiagnoseSettings, diagnose_checkpoint
-    from deqloop.evaluate import evaluate_checkpoint, write_json
+    from deqloop.evaluate import evaluate_checkpoint
+    from deqloop.io import write_json
     from deqloop.model import task_configs
     from deqloop.train import TrainConfig, train
     from tasks import get_task
@@ -332,7 +333,7 @@ def _run_cell(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: in
         try:
             diag = diagnose_checkpoint(ckpt_path, settings=DiagnoseSettings(**spec.diagnose),
                                        difficulties=list(spec.diagnose_difficulties or spec.eval_difficulties) or None)
-            write_json(diag, out / "diagnose.json")
+            write_json(diag.to_dict(), out / "diagnose.json")
         except Exception as e:  # noqa: BLE001 - a pathological model must not stop the grid; reported
             cell["diagnose_error"] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
             traceback.print_exc()

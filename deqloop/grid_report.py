@@ -18,33 +18,34 @@ from pathlib import Path
 
 import numpy as np
 
-from deqloop.evaluate import write_json
 from deqloop.grid import GridSpec, cell_dir, load_cell, read_metrics, training_seconds
+from deqloop.diagnose_report import DiagnoseReport, DifficultyRow
+from deqloop.io import write_json
+from deqloop.model import NORMS, RECALLS
 
 # The axes, per diagnosed difficulty: (key, label, where in a diagnose row, transform)
+def _distinct(row: DifficultyRow) -> float:
+    fp = row.input_dependence.fixed_points
+    return fp["n_distinct"] / fp["n_inputs"] if fp.get("n_points") else math.nan  # no fixed point to count
+
+
+def _log10(v: float) -> float:
+    return math.log10(v) if v > 0 and math.isfinite(v) else (math.inf if v == math.inf else math.nan)
+
+
+# axis key -> (the paper's axis, label, its value in a diagnose row)
 AXES = {
-    "converged": ("reachability", "reached from z0 (fraction)", ("reachability", "converged")),
-    "path_independent": ("reachability", "same z* from random starts (fraction)", ("reachability", "path_independent")),
+    "converged": ("reachability", "reached from z0 (fraction)", lambda r: r.reachability.converged),
+    "path_independent": ("reachability", "same z* from random starts (fraction)",
+                         lambda r: r.reachability.path_independent),
     "shared": ("input-dependence", "z* shared with another input (fraction)",
-               ("input_dependence", "shared_fixed_points")),
-    "distinct": ("input-dependence", "distinct fixed points per input", None),
+               lambda r: r.input_dependence.shared_fixed_points),
+    "distinct": ("input-dependence", "distinct fixed points per input", _distinct),
     "sensitivity": ("input-dependence", "median relative sensitivity ||dz*/dx v|| / ||z*||",
-                    ("input_dependence", "relative_median")),
-    "rho": ("geometry", "spectral radius of J (median)", ("geometry", "spectral_radius_median")),
-    "log10_cond": ("geometry", "log10 cond(I - J) (max)", ("geometry", "cond_max")),
+                    lambda r: r.input_dependence.relative_median),
+    "rho": ("geometry", "spectral radius of J (median)", lambda r: r.geometry.spectral_radius_median),
+    "log10_cond": ("geometry", "log10 cond(I - J) (max)", lambda r: _log10(r.geometry.cond_max)),
 }
-
-
-def _axis_value(row: dict, key: str) -> float:
-    if key == "distinct":
-        fp = row["input_dependence"]["fixed_points"]
-        return fp["n_distinct"] / fp["n_inputs"] if fp["n_points"] else math.nan  # no fixed point to count
-    section, name = AXES[key][2]
-    v = row[section].get(name)
-    v = math.nan if v is None else float(v)
-    if key == "log10_cond":
-        return math.log10(v) if v > 0 and math.isfinite(v) else (math.inf if v == math.inf else math.nan)
-    return v
 
 
 def cell_summary(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: int) -> dict | None:
@@ -70,10 +71,10 @@ def cell_summary(spec: GridSpec, root: str | Path, recall: str, norm: str, seed:
         s["acc"].setdefault(str(c["difficulty"]), {})[str(c["max_iter"])] = c[spec.metric]
         s["exact"].setdefault(str(c["difficulty"]), {})[str(c["max_iter"])] = c["acc"]
     if (out / "diagnose.json").exists():
-        diag = json.loads((out / "diagnose.json").read_text())
-        for row in diag["rows"]:
-            s["axes"][str(row["difficulty"])] = {k: _axis_value(row, k) for k in AXES}
-            s["axes"][str(row["difficulty"])]["verdicts"] = row["verdicts"]
+        diag = DiagnoseReport.from_dict(json.loads((out / "diagnose.json").read_text()))
+        for row in diag.rows:
+            s["axes"][str(row.difficulty)] = {k: float(value(row)) for k, (_, _, value) in AXES.items()}
+            s["axes"][str(row.difficulty)]["verdicts"] = row.verdicts
     return s
 
 
@@ -317,8 +318,8 @@ def plot_axes(summary: dict, path: Path) -> Path:
     cols = 4
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), dpi=110, squeeze=False)
-    colors = {"none": "tab:red", "standard": "tab:blue", "internal": "tab:green"}
-    markers = {"none": "x", "pre": "o", "post": "s", "outer": "^"}
+    colors = dict(zip(RECALLS, ("tab:red", "tab:blue", "tab:green")))
+    markers = dict(zip(NORMS, "xos^"))
     corr = {(r["axis"], str(r["difficulty"])): r for r in summary["correlations"]}
     for ax, key in zip(axes.flat, keys):
         xs = []

@@ -23,6 +23,7 @@ import numbers
 import types
 import typing
 from dataclasses import asdict, dataclass, fields
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -30,8 +31,9 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from deqloop.errors import ConfigError, ConfigTypeError, InputError
-from solvers import UnknownSolverError, check_options, get_solver
+from solvers import LOOP_DEFAULTS, UnknownSolverError, check_options, get_solver
 from solvers.implicit import fixed_point
+from solvers.result import SolverResult
 
 RECALLS = ("none", "standard", "internal")
 NORMS = ("none", "pre", "post", "outer")
@@ -143,7 +145,7 @@ class SolveConfig:
 
     solver: str = "anderson"  # forward solver, any name in solvers.SOLVERS
     max_iter: int = 40  # forward evaluations of f at most
-    tol: float = 1e-3  # relative residual at which a sample stops
+    tol: float = LOOP_DEFAULTS["tol"]  # relative residual at which a sample stops (the solvers' default)
     solver_options: dict | None = None  # extra options of the solver (m, beta, reg, tau ...)
     backward: str = "ift"  # ift | phantom | unroll (max_iter steps) | progressive (unroll + deep-thinking term)
     b_solver: str = "anderson"  # solver of the IFT adjoint system
@@ -177,6 +179,12 @@ class SolveConfig:
         return {"max_iter": self.max_iter if max_iter is None else max_iter,
                 "tol": self.tol if tol is None else tol, "stop_mode": "rel",
                 **(self.solver_options or {})}
+
+    @property
+    def gradient(self) -> str:
+        """How the solve is differentiated (solvers.implicit GRADS): the progressive loss trains by
+        unrolling the loop, with its extra term added by deqloop.objective."""
+        return "unroll" if self.backward == "progressive" else self.backward
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -270,7 +278,11 @@ class LoopBlock(nn.Module):
 
 
 class LoopedTransformer(nn.Module):
-    """Embedding, the loop cell `f(z, x)`, and the output head; `forward` solves the loop."""
+    """Embedding, the loop cell `f(z, x)`, and the output head; `forward` solves the loop.
+
+    The pieces, for code that runs the loop its own way (training, diagnose):
+    embed_input(tokens) -> x, z_init(x) -> z0, f(z, x) / cell(x), solve(x, z0, ...), head_logits(z).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -312,64 +324,38 @@ class LoopedTransformer(nn.Module):
         return self.head(self.ln_head(z))
 
     def forward(self, tokens: Tensor, solve: SolveConfig, *, max_iter: int | None = None,
-                tol: float | None = None, generator: torch.Generator | None = None):
-        """Logits at the fixed point, the forward solver's result, and the training loss's extra logits.
+                tol: float | None = None) -> tuple[Tensor, SolverResult]:
+        """Logits at the fixed point (B, T, n_classes) and the forward solver's result.
 
-        The third slot is None except in training with backward="progressive" (the logits of the
-        progressive term, see `progressive_logits`: (B, T, C)) or with backward="unroll" and
-        loss_every=k (the logits of every k-th differentiated iterate before the last: (K, B, T, C)).
+        Differentiable by solve.gradient when gradients are enabled. What training adds on top
+        (the loss along the loop, the progressive term, a random no-gradient prefix) is in
+        deqloop.objective.
         """
         x = self.embed_input(tokens)
-        z0 = self.z_init(x)
-        self.backward_result = None  # this forward's adjoint solve, recorded by loss.backward()
-        options = solve.forward_options(max_iter, tol)
-        progressive = solve.backward == "progressive" and torch.is_grad_enabled()
-        # Deep thinking's full-depth term backpropagates through the whole unrolled loop; with
-        # progressive_alpha = 1 it has no weight, and the fixed point is solved without gradient.
-        grad = "unroll" if solve.backward == "progressive" else solve.backward
-        along = []  # logits along the loop (loss_every), before the last iterate
-        steps, detach = options["max_iter"], min(solve.detach_iters, options["max_iter"] - 1)
-        if solve.detach_random and grad == "unroll" and torch.is_grad_enabled() and generator is not None:
-            # a prefix of 0..detach no-gradient iterations, then the same differentiated segment
-            # (without a generator: the whole prefix, so nothing draws from the global RNG)
-            drawn = int(torch.randint(0, detach + 1, (1,), generator=generator))
-            steps, detach = steps - detach + drawn, drawn
-        every = solve.loss_every if grad == "unroll" else 0
+        z, result = self.solve(x, self.z_init(x), solve, max_iter=max_iter, tol=tol)
+        return self.head_logits(z), result
 
-        def score_along(i: int, z: Tensor) -> None:  # every k-th iterate before the last (that one is `logits`)
-            if i % every == 0 and i < steps:
-                along.append(self.head_logits(z))
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not (progressive and solve.progressive_alpha == 1)):
-            z, result = fixed_point(
-                self.cell(x), z0, solver=solve.solver, solver_options=options, grad=grad,
-                b_solver=solve.b_solver, b_solver_options={"max_iter": solve.b_max_iter, "tol": solve.b_tol},
-                phantom_steps=solve.phantom_steps, unroll_steps=steps,
-                unroll_detach=detach, on_iterate=score_along if every else None,
-                on_backward=self._record_backward if grad == "ift" else None,
-            )
-            logits = self.head_logits(z)
-        extra = torch.stack(along) if along else None
-        if progressive:
-            extra = self.progressive_logits(x, z0, steps, solve.phantom_steps, generator)
-        return logits, result, extra
+    def solve(self, x: Tensor, z0: Tensor, solve: SolveConfig, *, max_iter: int | None = None,
+              tol: float | None = None, detach: int = 0,
+              on_iterate: Callable[[int, Tensor], None] | None = None) -> tuple[Tensor, SolverResult]:
+        """The fixed point of f(., x) from z0, with its gradient attached (solvers.implicit).
 
-    def _record_backward(self, result) -> None:
-        self.backward_result = result
-
-    def progressive_logits(self, x: Tensor, z0: Tensor, max_iter: int, k: int,
-                           generator: torch.Generator | None) -> Tensor:
-        """Deep-thinking progressive term: n ~ U{0..max_iter-k} iterations without gradient, then k with.
-
-        Bansal et al., "End-to-end Algorithm Synthesis with Recurrent Networks", NeurIPS 2022.
+        max_iter, tol: the forward budget and tolerance instead of solve's; with the unroll
+        gradient, exactly max_iter iterations, the first `detach` of them without gradient, and
+        `on_iterate(i, z_i)` called on each differentiated iterate.
         """
-        n = int(torch.randint(0, max(max_iter - k, 0) + 1, (1,), generator=generator))
-        z = z0.detach()
-        with torch.no_grad():
-            for _ in range(n):
-                z = self.f(z, x)
-        for _ in range(k):
-            z = self.f(z, x)
-        return self.head_logits(z)
+        options = solve.forward_options(max_iter, tol)
+        self.backward_result = None  # this solve's adjoint solve, recorded by loss.backward()
+        grad = solve.gradient
+        return fixed_point(
+            self.cell(x), z0, solver=solve.solver, solver_options=options, grad=grad,
+            b_solver=solve.b_solver, b_solver_options={"max_iter": solve.b_max_iter, "tol": solve.b_tol},
+            phantom_steps=solve.phantom_steps, unroll_steps=options["max_iter"], unroll_detach=detach,
+            on_iterate=on_iterate, on_backward=self._record_backward if grad == "ift" else None,
+        )
+
+    def _record_backward(self, result: SolverResult) -> None:
+        self.backward_result = result
 
 
 def task_configs(task, model: dict | None = None, solve: dict | None = None,

@@ -38,7 +38,7 @@ class LoopOptions(TypedDict, total=False):
     divergence_ratio: float  # see Loop
 
 
-LOOP_DEFAULTS: LoopOptions = {"tol": 1e-4, "max_iter": 50, "stop_mode": "rel", "subbatch": False,
+LOOP_DEFAULTS: LoopOptions = {"tol": 1e-3, "max_iter": 50, "stop_mode": "rel", "subbatch": False,
                               "divergence_ratio": 1e4}
 
 

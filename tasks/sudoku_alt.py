@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .sudoku import _search, _state
+from .sudoku_solver import _search, _state
 
 
 def _shuffled_grid(rng: np.random.Generator) -> np.ndarray:

@@ -12,7 +12,7 @@ def fit_fixed_batch(task, batch, *, max_iter: int, steps: int, lr: float) -> lis
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     losses = []
     for _ in range(steps):
-        logits, _, _ = model(batch.inputs, solve)
+        logits, _ = model(batch.inputs, solve)
         loss = task.loss(logits, batch.targets)
         opt.zero_grad()
         loss.backward()

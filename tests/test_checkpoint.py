@@ -11,7 +11,7 @@ import deqloop
 from deqloop import checkpoint
 from deqloop.checkpoint import CheckpointError, configs, load_checkpoint, load_model, save_checkpoint
 from deqloop.model import ModelConfig, SolveConfig, build_model
-from deqloop.train import TrainConfig, compute_loss
+from deqloop.train import TrainConfig
 from tasks import get_task
 
 
@@ -30,8 +30,8 @@ def saved(tmp_path_factory):
     """A model and optimizer one step into training, saved; returns (path, model, optimizer)."""
     model = build_model(MODEL_CFG, seed=1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    logits, _, _ = model(TOKENS, SOLVE_CFG)
-    compute_loss(get_task("prefix_sums"), logits, None, TOKENS.cumsum(1) % 2, SOLVE_CFG).backward()
+    logits, _ = model(TOKENS, SOLVE_CFG)
+    get_task("prefix_sums").loss(logits, TOKENS.cumsum(1) % 2).backward()
     optimizer.step()
     path = tmp_path_factory.mktemp("ckpt") / "checkpoint.pt"
     save_checkpoint(path, model=model, optimizer=optimizer, step=1, task="prefix_sums", model_cfg=MODEL_CFG,
@@ -44,8 +44,8 @@ def test_round_trip_same_logits(saved):
     loaded, task = load_model(path)
     assert task.name == "prefix_sums" and not loaded.training
     with torch.no_grad():
-        expected, _, _ = model(TOKENS, SOLVE_CFG)
-        got, _, _ = loaded(TOKENS, SOLVE_CFG)
+        expected, _ = model(TOKENS, SOLVE_CFG)
+        got, _ = loaded(TOKENS, SOLVE_CFG)
     assert torch.equal(got, expected)
 
 

@@ -371,3 +371,21 @@ def test_only_usage_errors_become_one_line(capsys, monkeypatch, ckpt):
     monkeypatch.setitem(cli.COMMANDS, "solve", (cli.COMMANDS["solve"][0], cli.add_solve, fail(ValueError("a bug"))))
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["solve", str(ckpt), "0101"])
+
+
+def test_every_config_field_has_a_train_flag():
+    """Each field of ModelConfig, SolveConfig and TrainConfig (but those the task sets) is reachable
+    from the command line, under the flag TRAIN_FLAGS names."""
+    from dataclasses import fields
+
+    train_parser = next(a for a in cli.build_parser()._subparsers._group_actions[0].choices.items()
+                        if a[0] == "train")[1]
+    dests = {a.dest for a in train_parser._actions}
+    for kind, cls in cli.CONFIGS.items():
+        for f in fields(cls):
+            if f.name not in cli.SET_BY_TASK:
+                dest = next(d for d, kn in cli.TRAIN_FLAGS.items() if kn == (kind, f.name))
+                assert dest in dests, f"{kind}.{f.name} has no flag"
+    cfg, model_cfg, _ = cli.train_configs(cli.build_parser().parse_args(
+        ["train", "--task", "prefix_sums", "--no-causal", "--z0", "random", "--z0-seed", "7"]))
+    assert (model_cfg.causal, model_cfg.z0, model_cfg.z0_seed) == (False, "random", 7)

@@ -9,7 +9,10 @@ import pytest
 
 from deqloop import cli
 from deqloop.checkpoint import save_checkpoint
-from deqloop.diagnose import THRESHOLDS, DiagnoseSettings, diagnose_checkpoint, verdicts, write_json
+from deqloop.diagnose import THRESHOLDS, DiagnoseSettings, diagnose_checkpoint, verdicts
+from deqloop.diagnose_report import (DiagnoseReport, DifficultyRow, GeometryRow, InputDependenceRow,
+                                     ReachabilityRow)
+from deqloop.io import write_json
 from deqloop.model import NORMS, RECALLS, Z0S, ModelConfig, SolveConfig, build_model
 from deqloop.train import TrainConfig
 from tests.test_cli import assert_usage_error, run, run_subprocess
@@ -75,11 +78,11 @@ def test_diagnose_writes_table_json_and_plots(capsys, ckpt, tmp_path):
 
 def test_no_recall_fixed_points_ignore_x(ckpt_none, tmp_path):
     report = diagnose_checkpoint(ckpt_none, difficulties=[5], settings=DiagnoseSettings(n_inputs=4, n_starts=1))
-    (row,) = report["rows"]
-    i = row["input_dependence"]
-    assert row["verdicts"]["input_dependence"] == "ignores x"
-    assert i["sensitivity_median"] == 0 and i["direct_median"] == 0 and i["fd_rel_error_max"] == 0
-    assert i["shared_fixed_points"] == 1.0  # every input's z* is a fixed point for another input
+    (row,) = report.rows
+    i = row.input_dependence
+    assert row.verdicts["input_dependence"] == "ignores x"
+    assert i.sensitivity_median == 0 and i.direct_median == 0 and i.fd_rel_error_max == 0
+    assert i.shared_fixed_points == 1.0  # every input's z* is a fixed point for another input
     # defaults: the JSON and plots go beside the checkpoint
     code = cli.main(["diagnose", str(ckpt_none), "--difficulty", "5", "--n-inputs", "2", "--n-starts", "0"])
     assert code == 0
@@ -94,22 +97,29 @@ def test_every_recall_and_norm(tmp_path, recall, norm):
     path = make_checkpoint(tmp_path / "checkpoint.pt", recall=recall, norm=norm, z0=z0)
     steps = []
     report = diagnose_checkpoint(path, difficulties=[4], settings=SMALL, progress=lambda *a: steps.append(a))
-    (row,) = report["rows"]
+    (row,) = report.rows
     for axis, allowed in VERDICTS.items():
-        assert row["verdicts"][axis] in allowed
+        assert row.verdicts[axis] in allowed
     if recall == "none":  # whatever else happens, a cell that does not see x has zero sensitivity
-        assert row["input_dependence"]["sensitivity_median"] == 0
+        assert row.input_dependence.sensitivity_median == 0
     assert steps[-1][1] == steps[-1][2] and [s[1] for s in steps] == list(range(len(steps)))
-    write_json(report, tmp_path / "d.json")  # strict JSON, whatever is nan or inf
-    json.loads((tmp_path / "d.json").read_text())
+    write_json(report.to_dict(), tmp_path / "d.json")  # strict JSON, whatever is nan or inf
+    back = DiagnoseReport.from_dict(json.loads((tmp_path / "d.json").read_text()))
+    # the JSON reads back to the same typed report; strict JSON has no inf, so a non-finite number is nan
+    (again,) = back.rows
+    assert isinstance(again.geometry, GeometryRow) and again.verdicts == row.verdicts
+    for a, b in ((again.geometry.cond_max, row.geometry.cond_max), (again.reachability.acc, row.reachability.acc),
+                 (again.input_dependence.relative_median, row.input_dependence.relative_median)):
+        assert a == b or (math.isnan(a) and not math.isfinite(b))
 
 
 def row_with(reach=None, inp=None, geo=None):
     r = {"converged": 1.0, "start_converged": 1.0, "path_independent": 1.0}
     i = {"shared_fixed_points": 0.0, "relative_median": 0.3, "fd_rel_error_max": 1e-7, "at_fixed_point": 1.0}
     g = {"spectral_radius_max": 0.5, "cond_max": 10.0, "adjoint_converged": 1.0, "adjoint_steps_mean": 12.0}
-    return {"reachability": {**r, **(reach or {})}, "input_dependence": {**i, **(inp or {})},
-            "geometry": {**g, **(geo or {})}}
+    return DifficultyRow(reachability=ReachabilityRow(**{**r, **(reach or {})}),
+                         input_dependence=InputDependenceRow(**{**i, **(inp or {})}),
+                         geometry=GeometryRow(**{**g, **(geo or {})}))
 
 
 @pytest.mark.parametrize("change,axis,expected", [

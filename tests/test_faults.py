@@ -25,7 +25,7 @@ import torch
 from deqloop import cli
 from deqloop import checkpoint as ckpt_mod
 from deqloop.checkpoint import CheckpointError, load_checkpoint
-from deqloop.train import _lock_dir
+from deqloop.io import lock_dir
 from solvers import anderson, fixed_point_iter
 from tasks.cache import cache_path, cached
 
@@ -122,7 +122,7 @@ def test_a_healthy_run_gives_no_divergence_warning(capsys, tmp_path):
 
 
 def test_two_trainings_cannot_share_an_out_dir(capsys, tmp_path):
-    holder = _lock_dir(tmp_path)  # as a running training holds it
+    holder = lock_dir(tmp_path)  # as a running training holds it
     try:
         code, _, err = run(capsys, "train", *TOY, "--steps", "2", "--out-dir", tmp_path)
         assert code == 2 and f"in use by another training (pid {os.getpid()})" in one_line_error(err)
@@ -134,14 +134,14 @@ def test_two_trainings_cannot_share_an_out_dir(capsys, tmp_path):
 
 def test_the_lock_dies_with_its_process(tmp_path):
     # kill -9 releases the flock: the next training in the directory is not refused.
-    script = f"from deqloop.train import _lock_dir; import time; held = _lock_dir(__import__('pathlib').Path({str(tmp_path)!r})); print('locked', flush=True); time.sleep(60)"
+    script = f"from deqloop.io import lock_dir; import time; held = lock_dir(__import__('pathlib').Path({str(tmp_path)!r})); print('locked', flush=True); time.sleep(60)"
     child = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     assert child.stdout.readline().strip() == "locked"
     with pytest.raises(FileExistsError):
-        _lock_dir(tmp_path)
+        lock_dir(tmp_path)
     child.kill()
     child.wait(10)
-    _lock_dir(tmp_path).close()
+    lock_dir(tmp_path).close()
 
 
 def test_disk_full_while_saving_is_one_line_and_keeps_the_old_checkpoint(capsys, good, tmp_path, monkeypatch):
@@ -231,12 +231,22 @@ def test_garbage_inside_a_checkpoint_is_named(capsys, good, tmp_path, section, f
 
 
 def test_a_full_disk_while_writing_eval_json_is_one_line(capsys, good, tmp_path, monkeypatch):
-    from pathlib import Path as P
+    import deqloop.io
 
-    def full(self, *a, **k):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    class Full:  # a file on a full disk: it opens (the temp file exists), every write fails
+        def __init__(self, fh):
+            self.fh = fh
 
-    monkeypatch.setattr(P, "write_text", full)
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+    monkeypatch.setattr(deqloop.io, "open", lambda path, mode="r": Full(open(path, mode)), raising=False)
     code, _, err = run(capsys, "eval", good, "--n", "2", "--iters", "5", "--json", tmp_path / "e.json",
                        "--plot", tmp_path / "e.png")
     monkeypatch.undo()

@@ -7,6 +7,7 @@ import torch
 
 from deqloop.errors import ConfigError, ConfigTypeError, UsageError
 from deqloop.model import NORMS, RECALLS, ModelConfig, SolveConfig, build_model
+from deqloop.objective import TrainingObjective, training_forward, training_loss
 
 TOY = dict(vocab_size=3, n_classes=2, d_model=16, n_heads=2)
 
@@ -23,9 +24,9 @@ def rand(*shape, seed=0):
 def test_every_combination_builds_and_solves(recall, norm):
     model = toy(recall=recall, norm=norm)
     tokens = torch.randint(0, 3, (4, 7), generator=torch.Generator().manual_seed(1))
-    logits, result, prog = model(tokens, SolveConfig(max_iter=5))
+    logits, result = model(tokens, SolveConfig(max_iter=5))
     assert logits.shape == (4, 7, 2) and torch.isfinite(logits).all()
-    assert result.z.shape == (4, 7, 16) and prog is None
+    assert result.z.shape == (4, 7, 16)
     logits.sum().backward()
     assert model.head.weight.grad is not None
 
@@ -108,10 +109,12 @@ def test_progressive_term_only_in_training():
     model = toy()
     tokens = torch.zeros(2, 5, dtype=torch.long)
     solve = SolveConfig(max_iter=6, backward="progressive", phantom_steps=2)
-    _, _, prog = model(tokens, solve, generator=torch.Generator().manual_seed(0))
+    prog = training_forward(model, tokens, solve, torch.Generator().manual_seed(0)).progressive
     assert prog is not None and prog.shape == (2, 5, 2) and prog.requires_grad
     with torch.no_grad():
-        assert model(tokens, solve)[2] is None
+        assert training_forward(model, tokens, solve, torch.Generator().manual_seed(0)).progressive is None
+        logits, result = model(tokens, solve)  # the model itself: the fixed point, within max_iter
+        assert logits.shape == (2, 5, 2) and int(result.n_steps.max()) <= 6
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -144,9 +147,9 @@ def test_progressive_alone_skips_the_full_depth_gradient():
     model = toy()
     tokens = torch.zeros(2, 5, dtype=torch.long)
     solve = SolveConfig(max_iter=6, backward="progressive", phantom_steps=2, progressive_alpha=1.0)
-    logits, result, prog = model(tokens, solve, generator=torch.Generator().manual_seed(0))
-    assert not logits.requires_grad and result.solver == "anderson"  # the fixed point, for logging
-    assert prog.requires_grad
+    scored = training_forward(model, tokens, solve, torch.Generator().manual_seed(0))
+    assert not scored.logits.requires_grad and scored.result.solver == "anderson"  # the fixed point, for logging
+    assert scored.progressive.requires_grad
     with pytest.raises(ValueError, match="progressive_alpha"):
         SolveConfig(progressive_alpha=1.5)
 
@@ -214,7 +217,8 @@ def test_loss_along_the_loop_scores_every_kth_differentiated_iterate():
     model = toy(window=None, causal=False)
     tokens = torch.randint(0, 3, (2, 5), generator=torch.Generator().manual_seed(3))
     solve = SolveConfig(solver="fixed_point_iter", backward="unroll", max_iter=8, loss_every=2, detach_iters=3)
-    logits, result, along = model(tokens, solve)
+    scored = training_forward(model, tokens, solve)
+    logits, along = scored.logits, scored.along
     assert along.shape == (2, 2, 5, 2)  # iterates 4 and 6; the 8th is `logits`
     # the same iterates by hand: plain iteration from z0
     with torch.no_grad():
@@ -236,12 +240,11 @@ def test_loss_along_the_loop_scores_every_kth_differentiated_iterate():
             z3 = model.f(z3, x)
     model.head_logits(model.f(z3, x)).sum().backward()
     torch.testing.assert_close(g_along, model.block.mlp[0].weight.grad)
-    with torch.no_grad():
-        assert model(tokens, solve)[2] is None  # evaluation: the fixed point only
+    with torch.no_grad():  # evaluation: the fixed point only
+        assert training_forward(model, tokens, solve).along is None
 
 
 def test_loss_along_the_loop_in_the_training_loss():
-    from deqloop.train import compute_loss
     from tasks import get_task
 
     task = get_task("prefix_sums")
@@ -249,9 +252,11 @@ def test_loss_along_the_loop_in_the_training_loss():
     tokens = torch.randint(0, 2, (3, 6), generator=torch.Generator().manual_seed(4))
     targets = tokens.cumsum(1) % 2
     solve = SolveConfig(solver="fixed_point_iter", backward="unroll", max_iter=4, loss_every=1)
-    logits, _, along = model(tokens, solve)
-    expected = sum(task.loss(l, targets) for l in [*along, logits]) / 4
-    torch.testing.assert_close(compute_loss(task, logits, along, targets, solve), expected)
+    scored = training_forward(model, tokens, solve)
+    expected = sum(task.loss(l, targets) for l in [*scored.along, scored.logits]) / 4
+    torch.testing.assert_close(training_loss(task, scored, targets, solve), expected)
+    loss, _ = TrainingObjective(model, task, solve)(tokens, targets)  # the module DDP wraps: the same
+    torch.testing.assert_close(loss, expected)
 
 
 @pytest.mark.parametrize("bad, match", [
@@ -271,9 +276,10 @@ def test_random_detach_keeps_the_differentiated_segment():
                         detach_iters=6, detach_random=True)
     lengths = set()
     for seed in range(12):
-        _, result, along = model(tokens, solve, generator=torch.Generator().manual_seed(seed))
+        scored = training_forward(model, tokens, solve, torch.Generator().manual_seed(seed))
+        result, along = scored.result, scored.along
         assert along.shape[0] == 3  # 4 differentiated iterates: 3 along the loop + the last
         lengths.add(int(result.n_steps[0]) - 1)  # the unrolled iterations (+1 scoring evaluation)
     assert lengths <= set(range(4, 11)) and len(lengths) > 2  # prefixes of 0..6 drawn
-    _, result, _ = model(tokens, solve)  # no generator: the whole prefix, no global RNG
+    result = training_forward(model, tokens, solve).result  # no generator: the whole prefix, no global RNG
     assert int(result.n_steps[0]) - 1 == 10

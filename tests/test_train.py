@@ -11,7 +11,7 @@ import torch
 
 from deqloop.checkpoint import load_checkpoint, load_model
 from deqloop.model import BACKWARDS, NORMS, RECALLS, ModelConfig, SolveConfig, build_model
-from deqloop.train import Interrupted, TrainConfig, compute_loss, lr_at, train
+from deqloop.train import Interrupted, TrainConfig, lr_at, train
 from tasks import get_task
 from tasks.prefix_sums import PrefixSums
 
@@ -46,8 +46,8 @@ ALL_TARGETS = ALL_INPUTS.cumsum(1) % 2
 def training_loss(model, solve) -> float:
     """The loss training minimizes, on all 256 strings (in grad mode: with "unroll", the unrolled output)."""
     with torch.enable_grad():
-        logits, _, _ = model(ALL_INPUTS, solve)
-    return compute_loss(TASK, logits, None, ALL_TARGETS, solve).item()
+        logits, _ = model(ALL_INPUTS, solve)
+    return TASK.loss(logits, ALL_TARGETS).item()
 
 
 @pytest.mark.parametrize("recall,norm", list(itertools.product(RECALLS, NORMS)))

@@ -1,0 +1,134 @@
+"""Krylov methods on linear operators given by products only (the Jacobian of a loop at its fixed
+point): GMRES, ARPACK's Arnoldi and Lanczos for rho(J), sigma_max and sigma_min, each under a
+budget of products, so a nearly singular or marginal operator ends as "not converged", not as a
+run that never stops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigs, eigsh, svds
+from scipy.sparse.linalg import gmres as scipy_gmres
+from torch import Tensor
+
+
+def linear_operator(n: int, matvec, rmatvec=None) -> LinearOperator:
+    return LinearOperator((n, n), matvec=matvec, rmatvec=rmatvec, dtype=np.float64)
+
+
+def as_torch(fn, like: Tensor):
+    """A numpy (n,) -> numpy (n,) function from a torch function on one sample shaped like `like`."""
+
+    def apply(u: np.ndarray) -> np.ndarray:
+        t = torch.as_tensor(np.ascontiguousarray(u, dtype=np.float64).reshape(like.shape))
+        return fn(t.to(like.device, like.dtype)).reshape(-1).double().cpu().numpy()
+
+    return apply
+
+
+def gmres(matvec, b: np.ndarray, *, rtol: float, max_matvecs: int, restart: int = 200):
+    """Solve A u = b by GMRES: (u, converged, iterations, relative residual ||b - Au|| / ||b||)."""
+    n = b.size
+    if not np.any(b):
+        return np.zeros_like(b), True, 0, 0.0
+    count = [0]
+    restart = max(1, min(n, restart))
+
+    def tick(_):
+        count[0] += 1
+
+    u, _ = scipy_gmres(linear_operator(n, matvec), b, rtol=rtol, atol=0.0, restart=restart,
+                 maxiter=max(1, math.ceil(max_matvecs / restart)), callback=tick, callback_type="pr_norm")
+    res = float(np.linalg.norm(b - matvec(u)) / np.linalg.norm(b))
+    return u, res <= 10 * rtol, count[0], res
+
+
+def start_vector(n: int, seed: int) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal(n)
+    return v / np.linalg.norm(v)
+
+
+class Exhausted(Exception):
+    """A Krylov computation spent its budget of products with J, or an inner solve failed."""
+
+
+class Budget:
+    """Counts products with J or J^T; the one past `limit` raises `Exhausted`.
+
+    Near rho(J) = 1 or a singular I - J, ARPACK and GMRES can iterate for a very long time;
+    a budget keeps `diagnose` bounded and reports such a quantity as not converged.
+    """
+
+    def __init__(self, limit: int):
+        self.used, self.limit = 0, limit
+
+    def wrap(self, fn):
+        def counted(u):
+            self.used += 1
+            if self.used > self.limit:
+                raise Exhausted
+            return fn(u)
+
+        return counted
+
+
+def spectral_radius(j_mv, n: int, seed: int, tol: float, budget: Budget) -> tuple[float, bool]:
+    """Largest |eigenvalue| of J by implicitly restarted Arnoldi (ARPACK)."""
+    k = min(3, n - 2)  # a few Ritz values: the dominant one of a real matrix may be a complex pair
+    try:
+        vals = eigs(linear_operator(n, budget.wrap(j_mv)), k=k, which="LM", v0=start_vector(n, seed), tol=tol,
+                    maxiter=budget.limit, ncv=min(n, max(2 * k + 1, 30)), return_eigenvectors=False)
+        return float(np.abs(vals).max()), True
+    except ArpackNoConvergence as e:
+        return (float(np.abs(e.eigenvalues).max()) if len(e.eigenvalues) else math.nan), False
+    except (ArpackError, Exhausted):
+        return math.nan, False
+
+
+def sigma_max(mv, rmv, n: int, seed: int, tol: float, budget: Budget) -> tuple[float, bool]:
+    """Largest singular value by Lanczos on A^T A (ARPACK through svds)."""
+    try:
+        s = svds(linear_operator(n, budget.wrap(mv), budget.wrap(rmv)), k=1, which="LM", v0=start_vector(n, seed),
+                 tol=tol, maxiter=budget.limit, return_singular_vectors=False)
+        return float(s.max()), True
+    except ArpackNoConvergence as e:
+        return (float(np.sqrt(np.abs(e.eigenvalues).max())) if len(e.eigenvalues) else math.nan), False
+    except (ArpackError, Exhausted):
+        return math.nan, False
+
+
+SIGMA_MIN_RTOL = 1e-8  # inner GMRES tolerance of the sigma_min iteration (ample for a 1e-3 estimate)
+
+
+def sigma_min(a_mv, at_mv, n: int, seed: int, *, tol: float, budget: Budget) -> tuple[float, bool]:
+    """Smallest singular value of A: Lanczos (ARPACK) for the largest eigenvalue of (A^T A)^{-1}.
+
+    Each product with (A^T A)^{-1} solves A y = w, then A^T w' = y, by GMRES; sigma_min =
+    1 / sqrt(lambda_max). Lanczos, not plain inverse iteration: the two smallest singular values
+    of the trained loops are often within a few percent, where power steps crawl. A GMRES solve
+    that fails (I - J singular or nearly so) ends the computation: nan, not converged.
+    """
+    a_mv, at_mv = budget.wrap(a_mv), budget.wrap(at_mv)
+
+    def inverse(w: np.ndarray) -> np.ndarray:
+        y, ok, _, _ = gmres(a_mv, w.reshape(-1), rtol=SIGMA_MIN_RTOL, max_matvecs=budget.limit - budget.used)
+        if not ok:
+            raise Exhausted
+        w_new, ok, _, _ = gmres(at_mv, y, rtol=SIGMA_MIN_RTOL, max_matvecs=budget.limit - budget.used)
+        if not ok:
+            raise Exhausted
+        return w_new
+
+    try:
+        lam = eigsh(linear_operator(n, inverse), k=1, which="LM", ncv=min(n, 6), v0=start_vector(n, seed), tol=tol,
+                    maxiter=budget.limit, return_eigenvectors=False)
+        ok = True
+    except ArpackNoConvergence as e:
+        lam, ok = e.eigenvalues, False
+    except (ArpackError, Exhausted):
+        return math.nan, False
+    lam = float(np.max(lam)) if len(lam) else math.nan
+    return (1 / math.sqrt(lam) if lam > 0 else math.nan), ok

@@ -1,0 +1,109 @@
+"""The training objective: how one training step solves, differentiates and scores the loop.
+
+    objective = TrainingObjective(model, task, solve_cfg)       # DDP wraps this module
+    loss, scored = objective(batch.inputs, batch.targets, generator)
+
+The model's own forward gives the logits at the fixed point, differentiated by
+solve.gradient (ift, phantom, unroll). The recipe of the training loss lives here:
+- loss along the loop (unroll, loss_every=k): every k-th differentiated iterate is scored
+  too, and every scored iterate weighs the same (Yang et al. 2023; Palm et al. 2018);
+- a random no-gradient prefix (detach_random): 0..detach_iters iterations without gradient,
+  drawn per step, then the same differentiated segment;
+- the progressive loss (backward="progressive", Bansal et al., "End-to-end Algorithm
+  Synthesis with Recurrent Networks", NeurIPS 2022): n ~ U{0..max_iter-k} iterations without
+  gradient, then k with, mixed with the unrolled loss by progressive_alpha; at alpha = 1 the
+  full-depth loss has no weight and the fixed point is solved without gradient.
+Every random draw comes from the step's `generator`, never from torch's global RNG: without
+one, the random prefix is the whole prefix, and the progressive loss refuses to run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from deqloop.model import LoopedTransformer, SolveConfig
+from solvers.result import SolverResult
+from tasks import Task
+
+
+@dataclass
+class Scored:
+    """What one training forward produced."""
+
+    logits: Tensor  # (B, T, C) at the last iterate
+    result: SolverResult  # the forward solve
+    along: Tensor | None = None  # (K, B, T, C): every loss_every-th differentiated iterate before the last
+    progressive: Tensor | None = None  # (B, T, C): the progressive term's logits
+
+
+def training_forward(model: LoopedTransformer, tokens: Tensor, solve: SolveConfig,
+                     generator: torch.Generator | None = None) -> Scored:
+    """The loop solved as training differentiates it, with the logits the loss scores."""
+    x = model.embed_input(tokens)
+    z0 = model.z_init(x)
+    steps, detach = solve.max_iter, min(solve.detach_iters, solve.max_iter - 1)
+    if solve.detach_random and torch.is_grad_enabled() and generator is not None:
+        # without a generator: the whole prefix, so nothing draws from the global RNG
+        drawn = int(torch.randint(0, detach + 1, (1,), generator=generator))
+        steps, detach = steps - detach + drawn, drawn
+    along = []
+    every = solve.loss_every
+
+    def score_along(i: int, z: Tensor) -> None:  # every k-th iterate before the last (that one is `logits`)
+        if i % every == 0 and i < steps:
+            along.append(model.head_logits(z))
+
+    progressive = solve.backward == "progressive" and torch.is_grad_enabled()
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not (progressive and solve.progressive_alpha == 1)):
+        z, result = model.solve(x, z0, solve, max_iter=steps, detach=detach,
+                                on_iterate=score_along if every else None)
+        logits = model.head_logits(z)
+    scored = Scored(logits, result, torch.stack(along) if along else None)
+    if progressive:
+        scored.progressive = progressive_logits(model, x, z0, steps, solve.phantom_steps, generator)
+    return scored
+
+
+def progressive_logits(model: LoopedTransformer, x: Tensor, z0: Tensor, max_iter: int, k: int,
+                       generator: torch.Generator | None) -> Tensor:
+    """Deep thinking's progressive term: n ~ U{0..max_iter-k} iterations without gradient, then k with."""
+    if generator is None:
+        raise ValueError("the progressive loss draws its depth from a torch.Generator; pass one")
+    n = int(torch.randint(0, max(max_iter - k, 0) + 1, (1,), generator=generator))
+    z = z0.detach()
+    with torch.no_grad():
+        for _ in range(n):
+            z = model.f(z, x)
+    for _ in range(k):
+        z = model.f(z, x)
+    return model.head_logits(z)
+
+
+def training_loss(task: Task, scored: Scored, targets: Tensor, solve: SolveConfig) -> Tensor:
+    """The task's loss at the last iterate, averaged with the iterates along the loop, or mixed
+    with the progressive term."""
+    loss = task.loss(scored.logits, targets)
+    if scored.progressive is not None:
+        prog = task.loss(scored.progressive, targets)
+        return (1 - solve.progressive_alpha) * loss + solve.progressive_alpha * prog
+    if scored.along is None:
+        return loss
+    along = [task.loss(step_logits, targets) for step_logits in scored.along]
+    return (loss + sum(along)) / (1 + len(along))
+
+
+class TrainingObjective(nn.Module):
+    """The loss of one training batch, as a module, so DistributedDataParallel can wrap it (its
+    gradient hooks need the forward to go through the wrapper)."""
+
+    def __init__(self, model: LoopedTransformer, task: Task, solve: SolveConfig):
+        super().__init__()
+        self.model, self.task, self.solve = model, task, solve
+
+    def forward(self, tokens: Tensor, targets: Tensor, generator: torch.Generator | None = None
+                ) -> tuple[Tensor, Scored]:
+        scored = training_forward(self.model, tokens, self.solve, generator)
+        return training_loss(self.task, scored, targets, self.solve), scored
