@@ -198,6 +198,18 @@ def load_model(ckpt: dict | str | Path, device: str | torch.device = "cpu") -> t
     return model.to(device).eval(), task
 
 
+def load_run(ckpt: dict | str | Path, device: str | torch.device = "cpu", *, solver: str | None = None,
+             solver_options: dict | None = None) -> tuple[LoopedTransformer, Task, ModelConfig, SolveConfig]:
+    """What eval, solve and diagnose start from: the checkpoint's model (as load_model), its task,
+    and its configs, with the forward solver overridden as `with_solver` does."""
+    if not isinstance(ckpt, dict):
+        ckpt = load_checkpoint(ckpt)
+    model_cfg, solve_cfg = configs(ckpt)
+    solve_cfg = with_solver(solve_cfg, solver, solver_options)  # a bad override fails before the weights load
+    model, task = load_model(ckpt, device)
+    return model, task, model_cfg, solve_cfg
+
+
 def _first_line(e: BaseException, limit: int = 300) -> str:
     """The exception as one line of at most `limit` characters."""
     text = " ".join(line.strip() for line in str(e).splitlines() if line.strip())

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 
-from deqloop.checkpoint import configs, load_checkpoint, load_model, with_solver
+from deqloop.checkpoint import configs, load_checkpoint, load_run, with_solver
 from deqloop.diagnose import DiagnoseSettings, diagnose_checkpoint
 from deqloop.diagnose import plot as plot_diagnose
 from deqloop.diagnose import print_table as print_diagnose
@@ -285,9 +285,8 @@ def add_solve(p: argparse.ArgumentParser) -> None:
 
 def run_solve(args) -> int:
     device = device_arg(args.device)
-    ckpt = load_checkpoint(args.checkpoint)
-    model, task = load_model(ckpt, device)
-    solve_cfg = checked_solver(configs(ckpt)[1], args)
+    model, task, _, solve_cfg = load_run(args.checkpoint, device, solver=args.solver,
+                                         solver_options=dict(args.solver_options or []))
     tokens = task.parse(args.input).to(device)  # a malformed INPUT: TaskInputError, one line from main
     max_iter = args.max_iter or max(solve_cfg.max_iter, task.solve_max_iter(tokens))
     with torch.no_grad():  # an input longer than a fixed-size model's positions: InputError

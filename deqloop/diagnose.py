@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from deqloop import diagnostics as dx
-from deqloop.checkpoint import configs, load_checkpoint, load_model, with_solver
+from deqloop.checkpoint import load_checkpoint, load_run
 from deqloop.errors import ConfigError
 from deqloop.evaluate import eval_max_iter, test_set
 from deqloop.diagnose_report import (POSITION_TOLS, THRESHOLDS, DiagnoseReport, DifficultyRow, GeometryRow,
@@ -71,9 +71,7 @@ def diagnose_checkpoint(path: str | Path | dict, *, difficulties=None, settings:
     checkpoint.with_solver). Raises CheckpointError on a bad file.
     """
     ckpt = path if isinstance(path, dict) else load_checkpoint(path)  # a dict: already loaded
-    model, task = load_model(ckpt, device)
-    model_cfg, solve = configs(ckpt)
-    solve = with_solver(solve, solver, solver_options)
+    model, task, model_cfg, solve = load_run(ckpt, device, solver=solver, solver_options=solver_options)
     difficulties = list(difficulties or ckpt["train_config"].get("test_difficulties") or task.test_difficulties)
     # float64 copy for the linearization: in float32, IFT and finite differences disagree by ~3e-2.
     model64 = copy.deepcopy(model).double()

@@ -29,7 +29,7 @@ from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from deqloop import krylov as kr
-from solvers import SolverResult, solve
+from solvers import SolverResult, bind_input, solve
 
 Cell = Callable[[Tensor, Tensor], Tensor]
 
@@ -104,11 +104,6 @@ class Linearization:
         return self._grad(self._jt_x, self._w, v, self.fz)
 
 
-def _fix_input(f: Cell, x: Tensor):
-    """f(., x) as a solver calls it, also on the active rows `idx` (options subbatch=True)."""
-    return lambda z, idx=None: f(z, x if idx is None else x[idx])
-
-
 # ------------------------------------------------------------------------------------- reachability
 
 @dataclass(frozen=True)
@@ -166,7 +161,7 @@ def random_starts(like: Tensor, n: int, seed: int, scale: Tensor) -> Tensor:
 def solve_cell(f: Cell, x: Tensor, z0: Tensor, *, method: str = "fixed_point_iter",
                options: dict | None = None) -> SolverResult:
     """Solve z = f(z, x) from z0 with `solvers.solve(method, **options)`."""
-    return solve(_fix_input(f, x), z0, method=method, **dict(options or {}))
+    return solve(bind_input(f, x), z0, method=method, **dict(options or {}))
 
 
 def reachability(f: Cell, x: Tensor, z0: Tensor, *, n_starts: int = 2, seed: int = 0,

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from deqloop.checkpoint import configs, load_checkpoint, load_model, with_solver
+from deqloop.checkpoint import load_checkpoint, load_run
 from deqloop.model import SolveConfig
 from tasks import Batch, Task
 
@@ -105,8 +105,7 @@ def evaluate_checkpoint(path: str | Path | dict, *, difficulties=None, iters=Non
     (difficulty None), with the work done and in all counted in iteration budgets.
     """
     ckpt = path if isinstance(path, dict) else load_checkpoint(path)  # a dict: already loaded
-    model, task = load_model(ckpt, device)
-    solve = with_solver(configs(ckpt)[1], solver, solver_options)
+    model, task, _, solve = load_run(ckpt, device, solver=solver, solver_options=solver_options)
     train_cfg = ckpt["train_config"]
     difficulties = list(difficulties or train_cfg.get("test_difficulties") or task.test_difficulties)
     iters = sorted(set(iters or default_iters(solve, task, difficulties)))

@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from deqloop.errors import ConfigError, ConfigTypeError, InputError
-from solvers import LOOP_DEFAULTS, UnknownSolverError, check_options, get_solver
+from solvers import LOOP_DEFAULTS, UnknownSolverError, bind_input, check_options, get_solver
 from solvers.implicit import fixed_point
 from solvers.result import SolverResult
 
@@ -318,7 +318,7 @@ class LoopedTransformer(nn.Module):
 
     def cell(self, x: Tensor):
         """f(., x) as a solver sees it: (B, T, d) -> (B, T, d), or on a sub-batch `idx`."""
-        return lambda z, idx=None: self.f(z, x if idx is None else x[idx])
+        return bind_input(self.f, x)
 
     def head_logits(self, z: Tensor) -> Tensor:  # (B, T, d) -> (B, T, n_classes)
         return self.head(self.ln_head(z))

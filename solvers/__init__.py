@@ -22,7 +22,7 @@ from typing import Callable
 
 from torch import Tensor
 
-from ._loop import LOOP_DEFAULTS, LoopOptions, State, Step, iterate
+from ._loop import LOOP_DEFAULTS, LoopOptions, State, Step, bind_input, iterate
 from .anderson import anderson
 from .broyden import broyden
 from .fixed_point import fixed_point_iter
@@ -39,6 +39,7 @@ __all__ = [
     "Step",
     "UnknownSolverError",
     "anderson",
+    "bind_input",
     "broyden",
     "check_options",
     "fixed_point_iter",

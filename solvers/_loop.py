@@ -58,6 +58,12 @@ class State:
 Step = Callable[[Tensor, Tensor, Tensor, State], Tensor]
 
 
+def bind_input(f: Callable[[Tensor, Tensor], Tensor], x: Tensor) -> Callable[..., Tensor]:
+    """f(., x) as a solver calls it: z -> f(z, x), and with subbatch=True (z, idx) -> f(z, x[idx])
+    on the active rows only."""
+    return lambda z, idx=None: f(z, x if idx is None else x[idx])
+
+
 def iterate(f: Callable[..., Tensor], z0: Tensor, step: Step, *, solver: str, **options) -> SolverResult:
     """Run `step` from z0 until every sample has stopped; `options` are LoopOptions."""
     unknown = sorted(set(options) - set(LOOP_DEFAULTS))

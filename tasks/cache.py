@@ -61,12 +61,18 @@ def _load(path: Path, key: dict) -> dict[str, np.ndarray] | None:
 
 
 def _write(path: Path, key: dict, arrays: dict[str, np.ndarray]) -> None:
+    write_npz(path, {"__key__": np.array(json.dumps(key, sort_keys=True)),
+                     "__sha256__": np.array(checksum(arrays)), **arrays}, mode=0o600)
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray], mode: int = 0o644) -> None:
+    """Write `arrays` to `path` (compressed npz) atomically: a temporary file beside it, renamed over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.npz")
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, __key__=np.array(json.dumps(key, sort_keys=True)),
-                                __sha256__=np.array(checksum(arrays)), **arrays)
+            np.savez_compressed(fh, **arrays)
+        os.chmod(tmp, mode)  # mkstemp makes it private
         if path.is_dir() and not path.is_symlink():  # something else took the file's name
             shutil.rmtree(path)
         os.replace(tmp, path)

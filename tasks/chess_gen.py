@@ -52,9 +52,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
-import os
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -62,7 +60,7 @@ from pathlib import Path
 import chess
 import numpy as np
 
-from .cache import cache_dir
+from .cache import cache_dir, write_npz
 from .chess_mate import VALUE, SearchBudgetExceeded, checking_moves, find_mate, key_depth, ranks_first  # noqa: F401
 from .stockfish import (ENGINE_DEPTH, ENGINE_MULTIPV, ENGINE_TEMPERATURE, OPENING_PLIES, EngineError, Stockfish,
                         prefilter_depth, stockfish_path)
@@ -350,19 +348,6 @@ def cli_args(cfg: GenConfig) -> list[str]:
     defaults = GenConfig()
     return [f"--{k.replace('_', '-')}" + ("" if isinstance(v, bool) else f"={v}") for k, v in asdict(cfg).items()
             if k != "version" and (k in ("seed", "train_games", "test_games") or v != getattr(defaults, k))]
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp.npz")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; this is a dataset to share
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def generate(cfg: GenConfig, out: Path, log: Path, *, workers: int = 1, progress: bool = True) -> dict:
