@@ -33,9 +33,9 @@ from deqloop.diagnose import print_table as print_diagnose
 from deqloop.evaluate import EVAL_N, evaluate_checkpoint, plot, plot_training, print_table
 from deqloop.cli_args import (check_outputs, difficulty_list, int_list, name_list, non_negative_int, none_or_str,
                               one_line, positive_float, positive_int, seed_list, solver_option, window_arg)
-from deqloop.cli_config import (CONFIGS, SET_BY_TASK, TRAIN_FLAGS, config_json, default, recipe_text,  # noqa: F401
-                                train_configs)
-from deqloop.model import BACKWARDS, NORMS, RECALLS, RELATIONS, Z0S, ModelConfig, SolveConfig
+from deqloop.cli_config import (CONFIGS, FLAG_HELP, SET_BY_TASK, TRAIN_FLAGS, config_json, default,  # noqa: F401
+                                recipe_text, train_configs)
+from deqloop.model import SolveConfig
 from deqloop.errors import USER_ERRORS, UsageError
 from deqloop.io import progress_bar, resolve_device, write_json
 from deqloop.train import RUN_CONTROL, Interrupted, TrainConfig, train
@@ -62,67 +62,6 @@ def device_arg(name: str) -> torch.device:
 
 
 # ------------------------------------------------------------------------------------- train
-
-
-# --help of every training flag, by group: dest -> (help, argparse options). One entry per
-# TRAIN_FLAGS key (tests/test_cli.py checks that every config field has its flag).
-FLAG_HELP = {
-    "model": {
-        "recall": ("input injection", {"choices": RECALLS}),
-        "norm": ("normalization placement", {"choices": NORMS}),
-        "z0": ("initial state", {"choices": Z0S}),
-        "d_model": ("width of the loop state", {"type": int}),
-        "heads": ("attention heads", {"type": int}),
-        "mlp_ratio": ("MLP width / d_model", {"type": int}),
-        "window": ("local attention window, or 'none' for global attention",
-                   {"type": window_arg, "shown": f"the task's, else {default(ModelConfig, 'window')}"}),
-        "n_positions": ("learned absolute positions, 0 for none", {"type": int, "shown": "the task's, else 0"}),
-        "relations": ("board-structured attention: " + ", ".join(RELATIONS) + ", or 'none'",
-                      {"type": none_or_str, "shown": "the task's, else none"}),
-        "causal": ("attend to earlier positions only (--no-causal: to all)",
-                   {"action": argparse.BooleanOptionalAction, "shown": f"the task's, else {default(ModelConfig, 'causal')}"}),
-        "z0_seed": ("seed of the random initial state (--z0 random)", {"type": int}),
-    },
-    "solver": {
-        "solver": ("forward solver (see solvers.SOLVERS)", {}),
-        "max_iter": ("forward iterations at most", {"type": int}),
-        "tol": ("relative residual at which a sample stops", {"type": float}),
-        "solver_options": ("a forward-solver option KEY=VALUE (anderson: m, beta, reg, block_size, safeguard; "
-                           "fixed_point_iter: tau), repeatable",
-                           {"type": solver_option, "action": "append", "metavar": "KEY=VALUE", "shown": "none",
-                            "option": "--solver-option"}),
-        "backward": ("gradient", {"choices": BACKWARDS}),
-        "b_solver": ("solver of the IFT adjoint system", {}),
-        "b_max_iter": ("adjoint iterations at most", {"type": int}),
-        "b_tol": ("adjoint tolerance", {"type": float}),
-        "phantom_steps": ("steps of the phantom gradient and of the progressive loss", {"type": int}),
-        "progressive_alpha": ("weight of the progressive loss term", {"type": float}),
-        "loss_every": ("unroll: also score every N-th iterate (loss along the loop), 0 for the last only",
-                       {"type": int}),
-        "detach_iters": ("unroll: the first N of the max-iter iterations run without gradient", {"type": int}),
-        "detach_random": ("unroll: draw that no-gradient prefix from 0..N at every step (the differentiated "
-                          "segment keeps its length)", {"action": "store_const", "const": True}),
-    },
-    "training": {
-        "seed": ("seed of the init, the data and the progressive depth", {"type": int}),
-        "steps": ("optimizer steps", {"type": int}),
-        "batch_size": ("examples per step, over all processes", {"type": int}),
-        "lr": ("peak learning rate", {"type": float}),
-        "weight_decay": ("AdamW weight decay", {"type": float}),
-        "warmup_steps": ("linear warmup steps", {"type": int}),
-        "min_lr_ratio": ("cosine floor as a fraction of lr", {"type": float}),
-        "grad_clip": ("gradient norm clip, 0 for none", {"type": float}),
-        "train_difficulties": ("comma-separated", {"shown": "the task's", "type": difficulty_list}),
-        "test_difficulties": ("comma-separated", {"shown": "the task's", "type": difficulty_list}),
-        "eval_every": ("evaluate every N steps, 0 for never", {"type": int}),
-        "eval_size": ("test examples per difficulty", {"type": int}),
-        "log_every": ("a metrics.jsonl train row every N steps", {"type": int}),
-        "ckpt_every": ("save the checkpoint every N steps, 0 for the end only", {"type": int}),
-        "keep_checkpoints": ("also keep checkpoint_step{N}.pt of every save", {"action": "store_const", "const": True}),
-        "out_dir": ("output directory", {"shown": "runs/<task>", "metavar": "DIR"}),
-        "device": ("auto, cpu, cuda, cuda:1 ...", {}),
-    },
-}
 
 
 def add_train(p: argparse.ArgumentParser) -> None:

@@ -18,7 +18,6 @@ in float32 (same step). Every random choice (starts, directions, Krylov start ve
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -29,6 +28,7 @@ from scipy.sparse.csgraph import connected_components
 from torch import Tensor
 
 from deqloop import krylov as kr
+from deqloop.krylov import Linearization  # noqa: F401 (part of this module's interface)
 from solvers import SolverResult, bind_input, solve
 
 Cell = Callable[[Tensor, Tensor], Tensor]
@@ -54,54 +54,6 @@ def _rel(a: Tensor, b: Tensor) -> Tensor:
     """(B,) ||a - b|| / max(||a||, ||b||), 0 where both are exactly zero."""
     num, den = norms(a - b), torch.maximum(norms(a), norms(b))
     return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
-
-
-def _math_attention():
-    """PyTorch's fused CPU attention has no double backward; its plain-ops version does."""
-    try:
-        from torch.nn.attention import SDPBackend, sdpa_kernel
-    except ImportError:  # older torch: the default kernels
-        return contextlib.nullcontext()
-    return sdpa_kernel([SDPBackend.MATH])
-
-
-class Linearization:
-    """Products with J = df/dz and df/dx at (z, x), by reverse mode only.
-
-    J^T w is one vector-Jacobian product; J u is the "double-vjp" trick: J^T w is linear in w,
-    so J u = d<J^T w, u>/dw. It works for any cell autograd can differentiate twice (forward-mode
-    AD does not cover PyTorch's fused CPU attention), and after the graph is built once a J u
-    costs one backward pass. Shapes: every vector is shaped like z (B, ...), or x for `dfdx`.
-    """
-
-    def __init__(self, f: Cell, x: Tensor, z: Tensor):
-        with torch.enable_grad(), _math_attention():
-            self._z = z.detach().requires_grad_()
-            self._x = x.detach().requires_grad_()
-            self.fz = f(self._z, self._x)
-            self._w = torch.zeros_like(self.fz, requires_grad=True)
-            jt_z, jt_x = torch.autograd.grad(self.fz, (self._z, self._x), self._w, create_graph=True,
-                                             allow_unused=True)
-        self._jt_z, self._jt_x = jt_z, jt_x
-
-    def _grad(self, out: Tensor | None, wrt: Tensor, v: Tensor, like: Tensor) -> Tensor:
-        if out is None or not out.requires_grad:  # f does not depend on that argument at all
-            return torch.zeros_like(like)
-        with torch.enable_grad():
-            (g,) = torch.autograd.grad(out, wrt, v, retain_graph=True, allow_unused=True)
-        return torch.zeros_like(like) if g is None else g.detach()
-
-    def jvp(self, u: Tensor) -> Tensor:
-        """J u."""
-        return self._grad(self._jt_z, self._w, u, self.fz)
-
-    def vjp(self, w: Tensor) -> Tensor:
-        """J^T w."""
-        return self._grad(self.fz, self._z, w, self._z)
-
-    def dfdx(self, v: Tensor) -> Tensor:
-        """(df/dx) v: how one application of f moves when x moves along v."""
-        return self._grad(self._jt_x, self._w, v, self.fz)
 
 
 # ------------------------------------------------------------------------------------- reachability
@@ -328,7 +280,7 @@ def ift_tangent(f: Cell, x: Tensor, z_star: Tensor, v: Tensor, *, rtol: float = 
     iters = torch.zeros(len(z_star), dtype=torch.long)
     resid = torch.zeros(len(z_star), dtype=torch.float64)
     for b in range(len(z_star)):
-        lin = Linearization(f, x[b: b + 1], z_star[b: b + 1])
+        lin = kr.Linearization(f, x[b: b + 1], z_star[b: b + 1])
         rhs = lin.dfdx(v[b: b + 1])
         direct[b] = rhs[0]
         a = kr.as_torch(lambda u: u - lin.jvp(u), rhs)
@@ -398,7 +350,7 @@ class Geometry:
     adjoint_residual: Tensor
 
 
-def _dense_jacobian(lin: Linearization, like: Tensor) -> np.ndarray:
+def _dense_jacobian(lin: kr.Linearization, like: Tensor) -> np.ndarray:
     """(n, n) J of one sample from n products with basis vectors."""
     n = like.numel()
     eye = torch.eye(n, dtype=like.dtype, device=like.device)
@@ -409,7 +361,7 @@ def _dense_jacobian(lin: Linearization, like: Tensor) -> np.ndarray:
 def adjoint_solve(f: Cell, x: Tensor, z_star: Tensor, *, seed: int = 0, method: str = "anderson",
                   options: dict | None = None) -> SolverResult:
     """Solve g = J^T g + w for a seeded unit w (B, ...) with `solvers.solve`, as the IFT backward does."""
-    lin = Linearization(f, x, z_star)
+    lin = kr.Linearization(f, x, z_star)
     w = unit_directions(z_star, seed)
     return solve(lambda g: lin.vjp(g) + w, torch.zeros_like(w), method=method, **dict(options or {}))
 
@@ -429,7 +381,7 @@ def geometry(f: Cell, x: Tensor, z_star: Tensor, *, seed: int = 0, tol: float = 
     for b in range(len(z_star)):
         if on_sample:
             on_sample(b)
-        lin = Linearization(f, x[b: b + 1], z_star[b: b + 1])
+        lin = kr.Linearization(f, x[b: b + 1], z_star[b: b + 1])
         like = z_star[b: b + 1]
         n = like.numel()
         if n <= dense_max:

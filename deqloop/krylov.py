@@ -1,18 +1,73 @@
-"""Krylov methods on linear operators given by products only (the Jacobian of a loop at its fixed
-point): GMRES, ARPACK's Arnoldi and Lanczos for rho(J), sigma_max and sigma_min, each under a
-budget of products, so a nearly singular or marginal operator ends as "not converged", not as a
-run that never stops.
+"""The loop's linearization at its fixed point, and Krylov methods on it.
+
+`Linearization` gives products with J = df/dz (and df/dx) by reverse mode only; GMRES and
+ARPACK's Arnoldi and Lanczos compute rho(J), sigma_max and sigma_min from such products, each
+under a budget, so a nearly singular or marginal operator ends as "not converged", not as a run
+that never stops.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Callable
 
 import numpy as np
 import torch
 from scipy.sparse.linalg import ArpackError, ArpackNoConvergence, LinearOperator, eigs, eigsh, svds
 from scipy.sparse.linalg import gmres as scipy_gmres
 from torch import Tensor
+
+Cell = Callable[[Tensor, Tensor], Tensor]  # f(z, x)
+
+
+def math_attention():
+    """PyTorch's fused CPU attention has no double backward; its plain-ops version does."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # older torch: the default kernels
+        return contextlib.nullcontext()
+    return sdpa_kernel([SDPBackend.MATH])
+
+
+class Linearization:
+    """Products with J = df/dz and df/dx at (z, x), by reverse mode only.
+
+    J^T w is one vector-Jacobian product; J u is the "double-vjp" trick: J^T w is linear in w,
+    so J u = d<J^T w, u>/dw. It works for any cell autograd can differentiate twice (forward-mode
+    AD does not cover PyTorch's fused CPU attention), and after the graph is built once a J u
+    costs one backward pass. Shapes: every vector is shaped like z (B, ...), or x for `dfdx`.
+    """
+
+    def __init__(self, f: Cell, x: Tensor, z: Tensor):
+        with torch.enable_grad(), math_attention():
+            self._z = z.detach().requires_grad_()
+            self._x = x.detach().requires_grad_()
+            self.fz = f(self._z, self._x)
+            self._w = torch.zeros_like(self.fz, requires_grad=True)
+            jt_z, jt_x = torch.autograd.grad(self.fz, (self._z, self._x), self._w, create_graph=True,
+                                             allow_unused=True)
+        self._jt_z, self._jt_x = jt_z, jt_x
+
+    def _grad(self, out: Tensor | None, wrt: Tensor, v: Tensor, like: Tensor) -> Tensor:
+        if out is None or not out.requires_grad:  # f does not depend on that argument at all
+            return torch.zeros_like(like)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(out, wrt, v, retain_graph=True, allow_unused=True)
+        return torch.zeros_like(like) if g is None else g.detach()
+
+    def jvp(self, u: Tensor) -> Tensor:
+        """J u."""
+        return self._grad(self._jt_z, self._w, u, self.fz)
+
+    def vjp(self, w: Tensor) -> Tensor:
+        """J^T w."""
+        return self._grad(self.fz, self._z, w, self._z)
+
+    def dfdx(self, v: Tensor) -> Tensor:
+        """(df/dx) v: how one application of f moves when x moves along v."""
+        return self._grad(self._jt_x, self._w, v, self.fz)
+
 
 
 def linear_operator(n: int, matvec, rmatvec=None) -> LinearOperator:

@@ -62,8 +62,7 @@ import numpy as np
 
 from .cache import cache_dir, write_npz
 from .chess_mate import VALUE, SearchBudgetExceeded, checking_moves, find_mate, key_depth, ranks_first  # noqa: F401
-from .stockfish import (ENGINE_DEPTH, ENGINE_MULTIPV, ENGINE_TEMPERATURE, OPENING_PLIES, EngineError, Stockfish,
-                        prefilter_depth, stockfish_path)
+from .stockfish import EngineError, Stockfish, engine_game, prefilter_depth, stockfish_path  # noqa: F401
 
 FORMAT_VERSION = 1  # bumped when the search, the games or the record layout change what is generated
 MAX_PLIES = 300  # self-play games stop here if not over earlier
@@ -105,14 +104,14 @@ def play_game(rng: np.random.Generator, policy: str = "greedy",
 
     "random": both sides play uniformly random legal moves. "greedy": one side, drawn at random,
     plays `_greedy_move` against a random side; lopsided material makes mates frequent.
-    "engine": Stockfish against itself (`_engine_game`); needs `engine`.
+    "engine": Stockfish against itself (tasks.stockfish.engine_game); needs `engine`.
     """
     if policy not in POLICIES:
         raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
     if policy == "engine":
         if engine is None:
             raise ValueError("the engine policy needs a Stockfish instance")
-        return _engine_game(rng, engine)
+        return engine_game(rng, engine, MAX_PLIES)
     greedy_color = bool(rng.integers(2))
     board = chess.Board()
     positions = []
@@ -123,33 +122,6 @@ def play_game(rng: np.random.Generator, policy: str = "greedy",
         else:
             moves = list(board.generate_legal_moves())
             move = moves[rng.integers(len(moves))]
-        board.push(move)
-    return positions
-
-
-def _engine_game(rng: np.random.Generator, engine: Stockfish) -> list[chess.Board]:
-    """Stockfish against itself from a random opening; each move drawn from its top moves.
-
-    After OPENING_PLIES random legal moves, each side picks among Stockfish's ENGINE_MULTIPV best
-    moves at ENGINE_DEPTH with probability proportional to exp(score / T), T its own temperature
-    (drawn per game, so one side is often the stronger); the errors this makes decide most games
-    by mate, and positions look like play, not like random moves.
-    """
-    engine.new_game()
-    opening = int(rng.integers(OPENING_PLIES[0], OPENING_PLIES[1] + 1))
-    temperature = ENGINE_TEMPERATURE * rng.uniform(0.25, 2.0, size=2)  # [black, white]
-    board = chess.Board()
-    positions = []
-    while not board.is_game_over() and board.ply() < MAX_PLIES:
-        positions.append(board.copy(stack=False))
-        if board.ply() < opening:
-            moves = list(board.generate_legal_moves())
-            move = moves[rng.integers(len(moves))]
-        else:
-            lines = engine.analyse(board, ENGINE_DEPTH, ENGINE_MULTIPV)
-            scores = np.array([cp for _, cp, _ in lines], dtype=np.float64)
-            p = np.exp((scores - scores.max()) / temperature[int(board.turn)])
-            move = lines[rng.choice(len(lines), p=p / p.sum())][0]
         board.push(move)
     return positions
 

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import chess
+import numpy as np
 
 # ------------------------------------------------------------------ engine games (Stockfish, UCI)
 
@@ -132,3 +133,30 @@ class Stockfish:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def engine_game(rng: np.random.Generator, engine: Stockfish, max_plies: int) -> list[chess.Board]:
+    """Stockfish against itself from a random opening; each move drawn from its top moves.
+
+    After OPENING_PLIES random legal moves, each side picks among Stockfish's ENGINE_MULTIPV best
+    moves at ENGINE_DEPTH with probability proportional to exp(score / T), T its own temperature
+    (drawn per game, so one side is often the stronger); the errors this makes decide most games
+    by mate, and positions look like play, not like random moves.
+    """
+    engine.new_game()
+    opening = int(rng.integers(OPENING_PLIES[0], OPENING_PLIES[1] + 1))
+    temperature = ENGINE_TEMPERATURE * rng.uniform(0.25, 2.0, size=2)  # [black, white]
+    board = chess.Board()
+    positions = []
+    while not board.is_game_over() and board.ply() < max_plies:
+        positions.append(board.copy(stack=False))
+        if board.ply() < opening:
+            moves = list(board.generate_legal_moves())
+            move = moves[rng.integers(len(moves))]
+        else:
+            lines = engine.analyse(board, ENGINE_DEPTH, ENGINE_MULTIPV)
+            scores = np.array([cp for _, cp, _ in lines], dtype=np.float64)
+            p = np.exp((scores - scores.max()) / temperature[int(board.turn)])
+            move = lines[rng.choice(len(lines), p=p / p.sum())][0]
+        board.push(move)
+    return positions
