@@ -21,6 +21,7 @@ import argparse
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -31,8 +32,9 @@ from deqloop.diagnose import DiagnoseSettings, diagnose_checkpoint
 from deqloop.diagnose import plot as plot_diagnose
 from deqloop.diagnose import print_table as print_diagnose
 from deqloop.evaluate import EVAL_N, evaluate_checkpoint, plot, plot_training, print_table
-from deqloop.cli_args import (check_outputs, difficulty_list, int_list, name_list, non_negative_int, none_or_str,
-                              one_line, positive_float, positive_int, seed_list, solver_option, window_arg)
+from deqloop.cli_args import (budget_arg, check_outputs, difficulty_list, int_list, name_list, non_negative_int,
+                              none_or_str, one_line, positive_float, positive_int, seed_list, solver_option,
+                              window_arg)
 from deqloop.cli_config import (CONFIGS, FLAG_HELP, SET_BY_TASK, TRAIN_FLAGS, config_json, default,  # noqa: F401
                                 recipe_text, train_configs)
 from deqloop.model import SolveConfig
@@ -260,6 +262,9 @@ def add_diagnose(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cluster-tol", type=positive_float, default=default(DiagnoseSettings, "cluster_tol"),
                    metavar="X", help="fixed points closer than X times their median norm are one "
                                      "(default: %(default)s)")
+    p.add_argument("--budget-seconds", type=budget_arg, default=default(DiagnoseSettings, "budget_seconds"),
+                   metavar="X|none", help="cap on the measurements' wall time, shared out over the difficulties; "
+                   "what does not fit is reported as not measured (default: %(default)s; none: no cap)")
     p.add_argument("--json", metavar="PATH",
                    help="write every number here (default: diagnose.json beside the checkpoint)")
     p.add_argument("--plots", metavar="DIR",
@@ -269,12 +274,28 @@ def add_diagnose(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda ... (default: auto)")
 
 
+def _diagnose_progress(bar, job):
+    """The bar's update; outside a terminal also one plain line as each difficulty starts."""
+    state = {"difficulty": None, "t0": time.monotonic()}
+
+    def update(what: str, done: int, total: int) -> None:
+        bar.update(job, description=what, completed=done, total=total)
+        d = what.split(":")[0]
+        if not bar.console.is_terminal and d != state["difficulty"]:
+            state["difficulty"] = d
+            elapsed = time.monotonic() - state["t0"]
+            eta = f", about {elapsed * (total - done) / done:.0f} s left" if done else ""
+            print(f"diagnose: {what} ({done}/{total} steps, {elapsed:.0f} s{eta})", file=sys.stderr, flush=True)
+
+    return update
+
+
 def run_diagnose(args) -> int:
     json_path = Path(args.json) if args.json else Path(args.checkpoint).parent / "diagnose.json"
     plot_dir = Path(args.plots) if args.plots else Path(args.checkpoint).parent
     check_outputs(files=(json_path,), dirs=(plot_dir,))
     settings = DiagnoseSettings(n_inputs=args.n_inputs, n_starts=args.n_starts, n_geometry=args.n_geometry,
-                                seed=args.seed, cluster_tol=args.cluster_tol)
+                                seed=args.seed, cluster_tol=args.cluster_tol, budget_seconds=args.budget_seconds)
     device = device_arg(args.device)
     ckpt = load_checkpoint(args.checkpoint)
     checked_solver(configs(ckpt)[1], args)  # a bad file or override: one line, before the progress bar
@@ -282,8 +303,7 @@ def run_diagnose(args) -> int:
         job = bar.add_task("diagnosing", total=None)
         report = diagnose_checkpoint(
             ckpt, difficulties=args.difficulties, settings=settings, device=device,
-            progress=lambda what, done, total: bar.update(job, description=what, completed=done, total=total),
-            solver=args.solver, solver_options=dict(args.solver_options or []))
+            progress=_diagnose_progress(bar, job), solver=args.solver, solver_options=dict(args.solver_options or []))
     print_diagnose(report)
     try:
         plot_dir.mkdir(exist_ok=True)
@@ -335,7 +355,8 @@ def run_grid_command(args) -> int:
         with progress_bar() as bar:
             job = bar.add_task(f"grid {spec.task}", total=len(spec.cells()))
             run_grid(spec, args.root, jobs=args.jobs, progress=lambda done, total, name: bar.update(
-                job, completed=done, total=total, description=f"grid {spec.task}" + (f" ({name} done)" if name else "")))
+                job, completed=done, total=total, description=f"grid {spec.task}" + (f" ({name} done)" if name else "")),
+                status=lambda text: bar.update(job, description=f"grid {spec.task}: running {text}"))
     summary = summarize(spec, args.root)
     out = Path(args.report_dir) if args.report_dir else Path(args.root) / spec.task
     paths = write_report(spec, summary, out)

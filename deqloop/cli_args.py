@@ -98,6 +98,13 @@ def check_outputs(files=(), dirs=()) -> None:
             raise UsageError(f"cannot write {path}: permission denied")
 
 
+def budget_arg(text: str) -> float | None:
+    """A positive number of seconds, or none (no cap)."""
+    if text.strip().lower() in ("none", "inf", "0"):
+        return None
+    return positive_float(text)
+
+
 def positive_float(text: str) -> float:
     try:
         value = float(text)

@@ -175,5 +175,7 @@ FLAG_HELP = {
         "keep_checkpoints": ("also keep checkpoint_step{N}.pt of every save", {"action": "store_const", "const": True}),
         "out_dir": ("output directory", {"shown": "runs/<task>", "metavar": "DIR"}),
         "device": ("auto, cpu, cuda, cuda:1 ...", {}),
+        "tensorboard": ("also log to <out-dir>/tensorboard (needs pip install 'deqloop[tensorboard]')",
+                        {"action": "store_const", "const": True}),
     },
 }

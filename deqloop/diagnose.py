@@ -45,6 +45,9 @@ class DiagnoseSettings:
     refine_tol: float = 1e-11  # float64 relative tolerance of the refined z* and of the FD solves
     fd_eps: float = 1e-4  # finite-difference step, relative to ||x||
     krylov_tol: float = 1e-3  # relative tolerance of the eigen/singular value iterations (ARPACK's tol)
+    # Wall-clock cap of the measurements (None: none), shared out over the difficulties: each gets
+    # what is left over the difficulties left. What did not fit is nan and named in not_measured.
+    budget_seconds: float | None = 150.0
 
     def __post_init__(self):
         for name in ("n_inputs", "n_geometry", "max_positions"):
@@ -57,6 +60,8 @@ class DiagnoseSettings:
         for name in ("cluster_tol", "refine_tol", "fd_eps", "krylov_tol"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.budget_seconds is not None and not self.budget_seconds > 0:
+            raise ConfigError(f"budget_seconds must be > 0 or None, got {self.budget_seconds}")
 
 
 Progress = Callable[[str, int, int], None]  # (description, steps done, steps in all)
@@ -86,7 +91,11 @@ def diagnose_checkpoint(path: str | Path | dict, *, difficulties=None, settings:
             progress(what, done[0], steps_per * len(difficulties))
         done[0] += 1
 
-    rows = [_diagnose_difficulty(model, model64, task, solve, d, s, tick) for d in difficulties]
+    end = None if s.budget_seconds is None else time.monotonic() + s.budget_seconds
+    rows = []
+    for k, d in enumerate(difficulties):  # each difficulty: its share of the time left
+        deadline = None if end is None else time.monotonic() + (end - time.monotonic()) / (len(difficulties) - k)
+        rows.append(_diagnose_difficulty(model, model64, task, solve, d, s, tick, deadline))
     if progress is not None:
         progress("done", done[0], steps_per * len(difficulties))
     return DiagnoseReport(
@@ -96,8 +105,11 @@ def diagnose_checkpoint(path: str | Path | dict, *, difficulties=None, settings:
         thresholds=dict(THRESHOLDS), difficulties=difficulties, rows=rows, outlook=outlook(rows))
 
 
-def _diagnose_difficulty(model, model64, task, solve, d: int, s: DiagnoseSettings, tick) -> DifficultyRow:
+def _diagnose_difficulty(model, model64, task, solve, d: int, s: DiagnoseSettings, tick,
+                         deadline: float | None) -> DifficultyRow:
     start = time.time()
+    late = lambda: deadline is not None and time.monotonic() > deadline
+    not_measured = {}
     batch = test_set(task, d, s.n_inputs)  # a difficulty or size the task cannot serve: TaskInputError
     device = next(model.parameters()).device
     tokens = batch.inputs.to(device)
@@ -106,8 +118,14 @@ def _diagnose_difficulty(model, model64, task, solve, d: int, s: DiagnoseSetting
     options = {**solve.forward_options(max_iter=budget), "subbatch": True}
     with torch.no_grad():
         x = model.embed_input(tokens)
-        reach = dx.reachability(model.f, x, model.z_init(x), n_starts=s.n_starts, seed=s.seed,
-                                method=solve.solver, options=options, on_solve=lambda what: tick(f"{d}: solve {what}"))
+        reach = dx.reachability(model.f, x, model.z_init(x), n_starts=s.n_starts, seed=s.seed, method=solve.solver,
+                                options=options, on_solve=lambda what: tick(f"{d}: solve {what}"), deadline=deadline)
+        if reach.max_iter < budget:
+            not_measured["solve from z0"] = f"max_iter cut to {reach.max_iter} of {budget} by the time budget"
+        if s.n_starts and reach.start_max_iter < budget:
+            not_measured["random starts"] = f"max_iter cut to {reach.start_max_iter} of {budget} by the time budget"
+        if len(reach.start_z) < s.n_starts:
+            not_measured["random starts"] = f"{len(reach.start_z)} of {s.n_starts} before the time budget ran out"
         scored = batch.to(device)
         exact = lambda z: task.exact_match(task.predict(model.head_logits(z), tokens), scored).double()
         acc = exact(reach.z_star)
@@ -122,19 +140,33 @@ def _diagnose_difficulty(model, model64, task, solve, d: int, s: DiagnoseSetting
     with torch.no_grad():
         x64 = model64.embed_input(tokens[:g])
     tight = {**solve.forward_options(max_iter=budget, tol=s.refine_tol), "subbatch": True}
-    refined = dx.solve_cell(model64.f, x64, reach.z_star[:g].double(), method=solve.solver, options=tight)
-    z64 = refined.z
+    try:
+        refined = dx.solve_cell(dx.timed(model64.f, deadline), x64, reach.z_star[:g].double(), method=solve.solver,
+                                options=tight)
+        z64 = refined.z
+    except dx.OutOfTime:  # the float32 z* stands in: what follows is measured there, and says so
+        refined, z64 = None, reach.z_star[:g].double()
+        not_measured["float64 refinement"] = "time budget; sensitivity and geometry at the float32 z*"
     tick(f"{d}: sensitivity (IFT vs finite differences)")
-    sens = dx.sensitivity(model64.f, x64, z64, seed=s.seed, fd_eps=s.fd_eps, method=solve.solver, fd_options=tight)
+    sens = dx.sensitivity(model64.f, x64, z64, seed=s.seed, fd_eps=s.fd_eps, method=solve.solver, fd_options=tight,
+                          deadline=deadline)
+    if late():
+        not_measured["sensitivity"] = "cut by the time budget (what is missing is nan)"
     geom = dx.geometry(model64.f, x64, z64, seed=s.seed, tol=s.krylov_tol, adjoint_method=solve.b_solver,
                        adjoint_options={"tol": solve.b_tol, "max_iter": max(solve.b_max_iter, budget)},
-                       on_sample=lambda b: tick(f"{d}: geometry of input {b + 1}/{g}"))
+                       on_sample=lambda b: tick(f"{d}: geometry of input {b + 1}/{g}"), deadline=deadline,
+                       at_fixed_point=None if refined is None else refined.residual < solve.tol)
+    if refined is not None and not bool((refined.residual < solve.tol).all()):
+        k = int((refined.residual >= solve.tol).sum())
+        not_measured["cond(I - J)"] = f"skipped on {k} of {g} inputs not at a fixed point (rho(J) and ||J|| measured)"
+    if late():
+        not_measured["geometry"] = "cut by the time budget (what is missing is nan)"
 
     row = DifficultyRow(
         difficulty=d, max_iter=budget, n_inputs=s.n_inputs, n_geometry=g,
         reachability=_reachability_row(reach, acc, acc_starts, s),
         input_dependence=_input_row(reach, cross, seq, positions, sens, refined, solve.tol),
-        geometry=_geometry_row(geom, max(solve.b_max_iter, budget)))
+        geometry=_geometry_row(geom, max(solve.b_max_iter, budget)), not_measured=not_measured)
     row.verdicts, row.reasons = verdicts(row)
     row.seconds = time.time() - start
     return row
@@ -166,9 +198,10 @@ def _input_row(reach: dx.Reachability, cross: Tensor, seq: dict, positions: list
         sensitivity_median=_median(sens.norm), relative_median=_median(sens.relative),
         direct_median=_median(sens.direct), fd_rel_error_max=_max(sens.rel_error),
         ift_converged=_mean(sens.ift_converged), fd_converged=_mean(sens.fd_converged),
-        refined_converged=_mean(refined.converged), refined_residual_max=_max(refined.residual),
+        refined_converged=_mean(refined.converged) if refined else math.nan,
+        refined_residual_max=_max(refined.residual) if refined else math.nan,
         # the geometry inputs whose float64 z* is a fixed point at the model's own tolerance
-        at_fixed_point=_mean(refined.residual < tol),
+        at_fixed_point=_mean(refined.residual < tol) if refined else math.nan,
         per_input={
             "sensitivity": _list(sens.norm), "fd_sensitivity": _list(sens.fd_norm),
             "relative": _list(sens.relative), "direct": _list(sens.direct), "fd_rel_error": _list(sens.rel_error),
@@ -182,7 +215,9 @@ def _geometry_row(geom: dx.Geometry, adjoint_max_iter: int) -> GeometryRow:
         # nan-propagating: a sample whose Krylov solve failed must not vanish from the verdict
         spectral_radius_max=_max_all(geom.spectral_radius), spectral_radius_median=_median(geom.spectral_radius),
         jacobian_norm_max=_max(geom.jacobian_norm), sigma_min_min=_min(geom.sigma_min),
-        cond_max=_max_all(geom.cond), krylov_converged=_mean(geom.converged), matvecs_mean=_mean(geom.matvecs),
+        # the max over the inputs where it was measured (at a fixed point); nan if none, or if one failed
+        cond_max=_max_all(geom.cond[geom.cond_measured]) if geom.cond_measured is not None else _max_all(geom.cond),
+        krylov_converged=_mean(geom.converged), matvecs_mean=_mean(geom.matvecs),
         adjoint_converged=_mean(geom.adjoint_converged), adjoint_steps_mean=_mean(geom.adjoint_steps),
         adjoint_max_iter=adjoint_max_iter,
         per_input={

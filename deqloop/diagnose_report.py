@@ -131,6 +131,7 @@ class DifficultyRow(_Section):
     verdicts: dict = field(default_factory=dict)  # axis -> verdict
     reasons: dict = field(default_factory=dict)  # axis -> the numbers behind it
     seconds: float = NAN
+    not_measured: dict = field(default_factory=dict)  # measurement -> why not (the time budget)
 
 
 @dataclass
@@ -172,6 +173,8 @@ def verdicts(row: DifficultyRow, th: dict = THRESHOLDS) -> tuple[dict, dict]:
     shared, no_fixed_point = i.shared_fixed_points, i.at_fixed_point == 0
     if shared >= th["shared"] or i.relative_median < th["sensitivity"]:
         inp = "ignores x"
+    elif "sensitivity" in row.not_measured:  # the IFT check could not be made: no verdict from shared alone
+        inp = "not measured"
     elif no_fixed_point and math.isnan(shared):
         inp = "no fixed point"
     elif not i.fd_rel_error_max <= th["fd_agreement"]:
@@ -278,6 +281,11 @@ def print_table(report: DiagnoseReport, console: Console | None = None) -> None:
         table.add_row(str(row.difficulty), str(row.max_iter),
                       *[f"[bold {COLORS[verdict]}]{verdict}[/]\n[dim]{numbers}[/dim]" for verdict, numbers in cells])
     console.print(table)
+    for row in report.rows:
+        if row.not_measured:
+            console.print(f"difficulty {row.difficulty}, not measured: "
+                          + "; ".join(f"{k}: {v}" for k, v in row.not_measured.items())
+                          + f" (time budget {report.settings.get('budget_seconds')} s, --budget-seconds)")
     console.print(f"outlook: {report.outlook}")
 
 
@@ -339,6 +347,7 @@ def _plot_spectral_radius(plt, report: DiagnoseReport, title: str, color: dict):
     ax.axvline(1.0, color="r", ls="--", lw=1, label="rho = 1")
     ax.set_xlabel("spectral radius of J = df/dz at z*")
     ax.set_ylabel("inputs")
+    ax.yaxis.get_major_locator().set_params(integer=True)  # counts of inputs: no fractional ticks
     ax.set_title(f"{title}: spectral radius at the fixed point", fontsize=9)
     ax.legend(title="difficulty", fontsize=8)
     return fig
@@ -355,8 +364,13 @@ def _plot_sensitivity(plt, report: DiagnoseReport, title: str, color: dict):
                         for key in ("sensitivity", "fd_sensitivity", "fd_rel_error"))
         ax.scatter(fd, ift, color=color[row.difficulty], label=str(row.difficulty), zorder=3)
         top = max(top, np.nanmax(np.concatenate([ift, fd, [0.0]])))
-        ax_err.scatter(np.full(len(err), positions[row.difficulty]), np.maximum(err, floor),
+        exact = err == 0  # IFT and FD agree exactly (both 0 when f ignores x): drawn at the floor, hollow
+        ax_err.scatter(np.full(int((~exact).sum()), positions[row.difficulty]), err[~exact],
                        color=color[row.difficulty], zorder=3)
+        ax_err.scatter(np.full(int(exact.sum()), positions[row.difficulty]), np.full(int(exact.sum()), floor),
+                       facecolors="none", edgecolors=color[row.difficulty], zorder=3,
+                       label="exactly 0" if exact.any() and "exactly 0" not in ax_err.get_legend_handles_labels()[1]
+                       else None)
     top = top * 1.1 if top > 0 else 1.0
     ax.plot([0, top], [0, top], "k:", lw=1, label="IFT = FD")
     ax.set_xlim(-0.02 * top, top)

@@ -19,6 +19,7 @@ in float32 (same step). Every random choice (starts, directions, Krylov start ve
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -51,9 +52,10 @@ def unit_directions(like: Tensor, seed: int) -> Tensor:
 
 
 def _rel(a: Tensor, b: Tensor) -> Tensor:
-    """(B,) ||a - b|| / max(||a||, ||b||), 0 where both are exactly zero."""
+    """(B,) ||a - b|| / max(||a||, ||b||), 0 where both are exactly zero, nan where either is nan."""
     num, den = norms(a - b), torch.maximum(norms(a), norms(b))
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), torch.zeros_like(den))
+    zero = torch.where(den.isnan(), den, torch.zeros_like(den))  # not measured stays nan, not "agree"
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(den.dtype).tiny), zero)
 
 
 # ------------------------------------------------------------------------------------- reachability
@@ -84,6 +86,8 @@ class Reachability:
     start_converged: Tensor
     start_n_steps: Tensor
     path_distance: Tensor
+    max_iter: int = 0  # the budget the solve from z0 had (less than asked when a deadline cut it)
+    start_max_iter: int = 0  # the budget each random start had
 
     def path_independent(self, tol: float) -> Tensor:
         """(B,) bool: converged from z0 and from every start, all within `tol` (relative) of z*."""
@@ -110,6 +114,23 @@ def random_starts(like: Tensor, n: int, seed: int, scale: Tensor) -> Tensor:
     return r * (scale[None] / r_norm).reshape(n, like.shape[0], *[1] * (like.dim() - 1))
 
 
+class OutOfTime(Exception):
+    """A measurement ran past its deadline (diagnose --budget-seconds)."""
+
+
+def timed(f: Cell, deadline: float | None) -> Cell:
+    """f that raises OutOfTime when called after `deadline` (a time.monotonic() value; None: never)."""
+    if deadline is None:
+        return f
+
+    def cell(z: Tensor, x: Tensor) -> Tensor:
+        if time.monotonic() > deadline:
+            raise OutOfTime
+        return f(z, x)
+
+    return cell
+
+
 def solve_cell(f: Cell, x: Tensor, z0: Tensor, *, method: str = "fixed_point_iter",
                options: dict | None = None) -> SolverResult:
     """Solve z = f(z, x) from z0 with `solvers.solve(method, **options)`."""
@@ -118,17 +139,29 @@ def solve_cell(f: Cell, x: Tensor, z0: Tensor, *, method: str = "fixed_point_ite
 
 def reachability(f: Cell, x: Tensor, z0: Tensor, *, n_starts: int = 2, seed: int = 0,
                  method: str = "fixed_point_iter", options: dict | None = None,
-                 on_solve: Callable[[str], None] | None = None) -> Reachability:
+                 on_solve: Callable[[str], None] | None = None, deadline: float | None = None) -> Reachability:
     """Solve z = f(z, x) from z0 and from `n_starts` random starts, with `solvers.solve(method, **options)`.
 
     The random starts are seeded Gaussians scaled to the norm of the fixed point reached from z0
     (or of z0 when that is zero), so they start where the state lives. `on_solve(what)` is
     called before each solve (progress reporting). With `subbatch=True` in options, f is called
-    on the still-active samples only (valid since f treats samples independently).
+    on the still-active samples only (valid since f treats samples independently). With a
+    `deadline`, the solve from z0 gets at most 40% of the time left and the random starts 30% of
+    what is left then (their max_iter cut to fit, timed on one evaluation, so they end as at
+    max_iter), and random starts stop at the deadline; only the finished ones count.
     """
     if on_solve:
         on_solve("from z0")
+    options = dict(options or {})
+    asked = options.get("max_iter", 50)
+    per = _seconds_per_call(lambda: f(z0, x)) if deadline is not None else 0.0
+    fit = lambda share: int(max(1, min(asked, share * (deadline - time.monotonic()) / per)))
+    if deadline is not None:  # the solve from z0 may take 40% of the time left, the random starts 30% of the rest
+        options["max_iter"] = fit(0.4)
     res = solve_cell(f, x, z0, method=method, options=options)
+    z0_max_iter = options.get("max_iter", 0)
+    if deadline is not None and n_starts:
+        options["max_iter"] = fit(0.3 / n_starts)
     z_star = res.z
     scale = norms(z_star)
     scale = torch.where(scale > 0, scale, norms(z0))
@@ -138,7 +171,10 @@ def reachability(f: Cell, x: Tensor, z0: Tensor, *, n_starts: int = 2, seed: int
     for s in range(n_starts):
         if on_solve:
             on_solve(f"from random start {s + 1}/{n_starts}")
-        results.append(solve_cell(f, x, starts[s], method=method, options=options))
+        try:
+            results.append(solve_cell(timed(f, deadline), x, starts[s], method=method, options=options))
+        except OutOfTime:
+            break
     start_z = torch.stack([r.z for r in results]) if results else z_star.new_zeros((0, *z_star.shape))
     ref = norms(z_star).clamp_min(torch.finfo(z_star.dtype).tiny)
     dist = torch.stack([norms(r.z - z_star) / ref for r in results]) if results else ref.new_zeros(0, len(ref))
@@ -149,7 +185,7 @@ def reachability(f: Cell, x: Tensor, z0: Tensor, *, n_starts: int = 2, seed: int
         start_z=start_z,
         start_converged=torch.stack([r.converged for r in results]) if results else empty.bool(),
         start_n_steps=torch.stack([r.n_steps for r in results]) if results else empty,
-        path_distance=dist,
+        path_distance=dist, max_iter=int(z0_max_iter), start_max_iter=int(options.get("max_iter", 0)),
     )
 
 
@@ -269,11 +305,11 @@ class Sensitivity:
 
 
 def ift_tangent(f: Cell, x: Tensor, z_star: Tensor, v: Tensor, *, rtol: float = 1e-10,
-                max_matvecs: int = 2000):
+                max_matvecs: int = 2000, deadline: float | None = None):
     """dz*/dx . v = (I - J)^{-1} (df/dx) v per sample, by GMRES on products with J.
 
     Returns (tangent (B, ...), direct (B, ...) = (df/dx) v, converged (B,), iterations (B,), residual (B,)).
-    GMRES needs I - J nonsingular only, not rho(J) < 1.
+    GMRES needs I - J nonsingular only, not rho(J) < 1. Past `deadline`, a sample is nan, not converged.
     """
     tangent, direct = torch.zeros_like(z_star), torch.zeros_like(z_star)
     conv = torch.zeros(len(z_star), dtype=torch.bool)
@@ -283,9 +319,13 @@ def ift_tangent(f: Cell, x: Tensor, z_star: Tensor, v: Tensor, *, rtol: float = 
         lin = kr.Linearization(f, x[b: b + 1], z_star[b: b + 1])
         rhs = lin.dfdx(v[b: b + 1])
         direct[b] = rhs[0]
-        a = kr.as_torch(lambda u: u - lin.jvp(u), rhs)
-        u, conv[b], iters[b], resid[b] = kr.gmres(a, rhs.reshape(-1).double().cpu().numpy(), rtol=rtol,
-                                                max_matvecs=max_matvecs)
+        a = kr.Budget(10 * max_matvecs + 10, deadline).wrap(kr.as_torch(lambda u: u - lin.jvp(u), rhs))
+        try:
+            u, conv[b], iters[b], resid[b] = kr.gmres(a, rhs.reshape(-1).double().cpu().numpy(), rtol=rtol,
+                                                    max_matvecs=max_matvecs)
+        except kr.Exhausted:  # out of time
+            tangent[b], resid[b] = math.nan, math.nan
+            continue
         tangent[b] = torch.as_tensor(u).reshape(rhs.shape[1:]).to(z_star)
     return tangent, direct, conv, iters, resid
 
@@ -304,16 +344,21 @@ def fd_tangent(f: Cell, x: Tensor, z_star: Tensor, v: Tensor, eps: Tensor, *,
 
 def sensitivity(f: Cell, x: Tensor, z_star: Tensor, *, seed: int = 0, fd_eps: float = 1e-4,
                 method: str = "fixed_point_iter", fd_options: dict | None = None,
-                rtol: float = 1e-10, max_matvecs: int = 2000) -> Sensitivity:
+                rtol: float = 1e-10, max_matvecs: int = 2000, deadline: float | None = None) -> Sensitivity:
     """Sensitivity of z* to x along a seeded unit direction, by the IFT and by central differences.
 
     The finite-difference step is fd_eps * max(||x||, 1) per sample; the perturbed fixed points
     are solved with `solvers.solve(method, **fd_options)` from z* (give a tight tol, in float64).
+    Past `deadline`, what is left is nan and not converged.
     """
     v = unit_directions(x, seed)
-    tangent, direct, conv, iters, resid = ift_tangent(f, x, z_star, v, rtol=rtol, max_matvecs=max_matvecs)
+    tangent, direct, conv, iters, resid = ift_tangent(f, x, z_star, v, rtol=rtol, max_matvecs=max_matvecs,
+                                                      deadline=deadline)
     eps = fd_eps * norms(x).clamp_min(1.0)
-    fd, fd_conv = fd_tangent(f, x, z_star, v, eps, method=method, options=fd_options)
+    try:
+        fd, fd_conv = fd_tangent(timed(f, deadline), x, z_star, v, eps, method=method, options=fd_options)
+    except OutOfTime:
+        fd, fd_conv = torch.full_like(z_star, math.nan), torch.zeros(len(z_star), dtype=torch.bool)
     norm = norms(tangent)
     return Sensitivity(
         tangent=tangent, fd_tangent=fd, norm=norm, fd_norm=norms(fd),
@@ -348,6 +393,7 @@ class Geometry:
     adjoint_converged: Tensor
     adjoint_steps: Tensor
     adjoint_residual: Tensor
+    cond_measured: Tensor | None = None  # (B,) False where sigma of I - J was skipped (not at a fixed point)
 
 
 def _dense_jacobian(lin: kr.Linearization, like: Tensor) -> np.ndarray:
@@ -359,16 +405,32 @@ def _dense_jacobian(lin: kr.Linearization, like: Tensor) -> np.ndarray:
 
 
 def adjoint_solve(f: Cell, x: Tensor, z_star: Tensor, *, seed: int = 0, method: str = "anderson",
-                  options: dict | None = None) -> SolverResult:
-    """Solve g = J^T g + w for a seeded unit w (B, ...) with `solvers.solve`, as the IFT backward does."""
+                  options: dict | None = None, deadline: float | None = None) -> SolverResult:
+    """Solve g = J^T g + w for a seeded unit w (B, ...) with `solvers.solve`, as the IFT backward does;
+    past `deadline` the solver stops as at max_iter (its best iterate, not converged)."""
     lin = kr.Linearization(f, x, z_star)
     w = unit_directions(z_star, seed)
-    return solve(lambda g: lin.vjp(g) + w, torch.zeros_like(w), method=method, **dict(options or {}))
+    options = dict(options or {})
+    if deadline is not None:  # remaining time as an iteration budget, measured on the first products
+        options["max_iter"] = _iterations_until(deadline, lambda: lin.vjp(w), options.get("max_iter", 50))
+    return solve(lambda g: lin.vjp(g) + w, torch.zeros_like(w), method=method, **options)
+
+
+def _seconds_per_call(step: Callable[[], object]) -> float:
+    t = time.monotonic()
+    step()
+    return max(time.monotonic() - t, 1e-6)
+
+
+def _iterations_until(deadline: float, step: Callable[[], object], cap: int) -> int:
+    """How many calls of `step` fit before `deadline` (at least 1, at most cap), timed on one call."""
+    return int(max(1, min(cap, (deadline - time.monotonic()) / _seconds_per_call(step))))
 
 
 def geometry(f: Cell, x: Tensor, z_star: Tensor, *, seed: int = 0, tol: float = 1e-3, max_matvecs: int = 2000,
              adjoint_method: str = "anderson", adjoint_options: dict | None = None,
-             dense_max: int = DENSE_MAX, on_sample: Callable[[int], None] | None = None) -> Geometry:
+             dense_max: int = DENSE_MAX, on_sample: Callable[[int], None] | None = None,
+             deadline: float | None = None, at_fixed_point: Tensor | None = None) -> Geometry:
     """Spectral radius and norm of J at z*, singular values of I - J, and the adjoint solve; per sample.
 
     Krylov methods (ARPACK Arnoldi and Lanczos; GMRES inside the sigma_min iteration) on products
@@ -376,11 +438,18 @@ def geometry(f: Cell, x: Tensor, z_star: Tensor, *, seed: int = 0, tol: float = 
     each of rho, ||J||_2 and sigma_max, four times that for sigma_min (two linear solves per
     Lanczos step); a quantity out of budget is nan and not converged. States of at most
     `dense_max` numbers use the exact dense Jacobian. `on_sample(b)` is called before sample b.
+    Past `deadline` (time.monotonic()), a quantity is nan and not converged, like one out of budget.
+    A sample whose `at_fixed_point` is False gets rho(J) and ||J|| only: the singular values of
+    I - J matter to the IFT at a fixed point, and near a marginal J they are the costly part.
     """
     cols = {k: [] for k in ("rho", "jnorm", "smax", "smin", "ok", "used")}
     for b in range(len(z_star)):
         if on_sample:
             on_sample(b)
+        if deadline is not None and time.monotonic() > deadline:
+            for key, val in zip(cols, (math.nan,) * 4 + (False, 0)):
+                cols[key].append(val)
+            continue
         lin = kr.Linearization(f, x[b: b + 1], z_star[b: b + 1])
         like = z_star[b: b + 1]
         n = like.numel()
@@ -392,19 +461,23 @@ def geometry(f: Cell, x: Tensor, z_star: Tensor, *, seed: int = 0, tol: float = 
             j_mv, jt_mv = kr.as_torch(lin.jvp, like), kr.as_torch(lin.vjp, like)
             a_mv = kr.as_torch(lambda u: u - lin.jvp(u), like)  # I - J
             at_mv = kr.as_torch(lambda u: u - lin.vjp(u), like)
-            budgets = [kr.Budget(max_matvecs) for _ in range(3)] + [kr.Budget(4 * max_matvecs)]
+            budgets = [kr.Budget(max_matvecs, deadline) for _ in range(3)] + [kr.Budget(4 * max_matvecs, deadline)]
             rho, ok_rho = kr.spectral_radius(j_mv, n, seed, tol, budgets[0])
             jnorm, ok_j = kr.sigma_max(j_mv, jt_mv, n, seed, tol, budgets[1])
-            smax, ok_a = kr.sigma_max(a_mv, at_mv, n, seed, tol, budgets[2])
-            smin, ok_m = kr.sigma_min(a_mv, at_mv, n, seed, tol=tol, budget=budgets[3])
+            if at_fixed_point is None or bool(at_fixed_point[b]):
+                smax, ok_a = kr.sigma_max(a_mv, at_mv, n, seed, tol, budgets[2])
+                smin, ok_m = kr.sigma_min(a_mv, at_mv, n, seed, tol=tol, budget=budgets[3])
+            else:
+                smax, smin, ok_a, ok_m = math.nan, math.nan, True, True  # skipped, not failed
             vals = (rho, jnorm, smax, smin, ok_rho and ok_j and ok_a and ok_m, sum(b.used for b in budgets))
         for key, val in zip(cols, vals):
             cols[key].append(val)
-    adj = adjoint_solve(f, x, z_star, seed=seed, method=adjoint_method, options=adjoint_options)
+    adj = adjoint_solve(f, x, z_star, seed=seed, method=adjoint_method, options=adjoint_options, deadline=deadline)
     t = lambda key: torch.tensor(cols[key], dtype=torch.float64)
     return Geometry(
         spectral_radius=t("rho"), jacobian_norm=t("jnorm"), sigma_max=t("smax"), sigma_min=t("smin"),
         cond=t("smax") / t("smin"), converged=torch.tensor(cols["ok"], dtype=torch.bool),
         matvecs=torch.tensor(cols["used"], dtype=torch.long),
         adjoint_converged=adj.converged, adjoint_steps=adj.n_steps, adjoint_residual=adj.residual,
+        cond_measured=torch.tensor([at_fixed_point is None or bool(at_fixed_point[b]) for b in range(len(z_star))]),
     )

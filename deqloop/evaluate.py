@@ -126,6 +126,7 @@ def evaluate_checkpoint(path: str | Path | dict, *, difficulties=None, iters=Non
         "deqloop_version": ckpt["deqloop_version"], "solver": solve.solver,
         "solver_options": solve.solver_options, "tol": solve.tol,
         "train_max_iter": solve.max_iter, "n": n, "difficulties": difficulties, "iters": iters,
+        "train_difficulties": list(train_cfg.get("train_difficulties") or task.train_difficulties),
         "eval_max_iter": {str(d): eval_max_iter(task, solve, d) for d in difficulties},
         "cells": cells,
     }
@@ -166,10 +167,18 @@ def plot(report: dict, path: str | Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from tasks import get_task
+
+    name = get_task(report["task"]).difficulty_label
+    trained = set(report.get("train_difficulties") or ())
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     for d in report["difficulties"]:
         cells = sorted((c for c in report["cells"] if c["difficulty"] == d), key=lambda c: c["max_iter"])
-        ax.plot([c["max_iter"] for c in cells], [c["acc"] for c in cells], marker="o", label=str(d))
+        ax.plot([c["max_iter"] for c in cells], [c["acc"] for c in cells], marker="o",
+                ls="--" if d in trained else "-", label=name(d) + (" (trained)" if d in trained else ""))
+    if report.get("train_max_iter"):
+        ax.axvline(report["train_max_iter"], color="gray", ls=":", lw=1.2,
+                   label=f"training depth ({report['train_max_iter']})")
     ax.set_xscale("log", base=2)
     ax.set_xticks(report["iters"], [str(k) for k in report["iters"]])
     ax.minorticks_off()

@@ -152,10 +152,13 @@ def claim_root(spec: GridSpec, root: str | Path) -> Path:
 
 
 def run_grid(spec: GridSpec, root: str | Path = "runs/grid", *, jobs: int = 1, threads: int | None = None,
-             progress=None) -> list[dict]:
+             progress=None, status=None) -> list[dict]:
     """Run every unfinished cell of `spec`; returns every cell's cell.json (finished or failed).
 
-    `progress(done, total, cell_name)` is called as cells finish. Ctrl-C or SIGTERM stops the
+    `progress(done, total, cell_name)` is called as cells finish; `status(text)`, every few
+    seconds, with the running cells' training steps ("none-pre/seed1 560/1000"). Each child runs
+    with `threads` threads (OMP_NUM_THREADS, MKL_NUM_THREADS; default: the cores over `jobs`),
+    whatever the environment says, and a line on stderr says so. Ctrl-C or SIGTERM stops the
     children, which save their training state; the next call resumes.
     """
     check_spec(spec)
@@ -168,6 +171,12 @@ def run_grid(spec: GridSpec, root: str | Path = "runs/grid", *, jobs: int = 1, t
     if progress:
         progress(done, total, "")
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    if todo:
+        given = os.environ.get("OMP_NUM_THREADS")
+        print(f"grid {spec.task}: {len(todo)} cells to run, {min(jobs, len(todo))} at a time, {threads} threads each "
+              f"(OMP_NUM_THREADS={threads}" + (f"; the environment's {given} is not used" if given and given != str(threads)
+                                                else "") + ")", file=sys.stderr, flush=True)
+    last_status = 0.0
     running: list[tuple[subprocess.Popen, tuple, object]] = []
     failed, busy = [], []
 
@@ -186,6 +195,10 @@ def run_grid(spec: GridSpec, root: str | Path = "runs/grid", *, jobs: int = 1, t
                 cmd = [sys.executable, "-m", "deqloop.grid", str(root), spec.task, *map(str, cell)]
                 running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), cell, log))
             time.sleep(0.2)
+            if status and time.monotonic() - last_status > 5:
+                last_status = time.monotonic()
+                status(", ".join(f"{cell_name(*cell)} {_last_step(cell_dir(root, spec.task, *cell))}/{spec.train['steps']}"
+                                 for _, cell, _ in running))
             for proc, cell, log in list(running):
                 if proc.poll() is None:
                     continue
@@ -342,7 +355,21 @@ def _run_cell(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: in
     return cell
 
 
+def _last_step(out: Path) -> int:
+    """The last logged training step of a running cell (0 before its first row)."""
+    try:
+        with open(out / "metrics.jsonl", "rb") as fh:
+            fh.seek(max(0, fh.seek(0, os.SEEK_END) - 4096))
+            lines = fh.read().decode(errors="replace").splitlines()
+        rows = [json.loads(line) for line in lines[1:] or lines if line.startswith("{") and line.endswith("}")]
+        return max((r.get("step", 0) for r in rows if r.get("kind") == "train"), default=0)
+    except (OSError, ValueError):
+        return 0
+
+
 def _child(argv: list[str]) -> int:
+    from deqloop.train import Interrupted
+
     root, task, recall, norm, seed = argv
     spec = spec_from_root(root, task)
     try:
@@ -350,6 +377,9 @@ def _child(argv: list[str]) -> int:
     except CellBusy as e:
         print(f"skipped: {e}")
         return EXIT_BUSY
+    except Interrupted as e:  # training saved its step; the grid, not `train --resume`, continues it
+        print(f"stopped after step {e.step}, saved; run the same grid command again to continue this cell", flush=True)
+        return 128 + e.signum
     return 0
 
 

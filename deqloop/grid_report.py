@@ -22,6 +22,7 @@ from deqloop.grid import GridSpec, cell_dir, load_cell, read_metrics, training_s
 from deqloop.diagnose_report import DiagnoseReport, DifficultyRow
 from deqloop.io import write_json
 from deqloop.model import NORMS, RECALLS
+from tasks import get_task
 
 # The axes, per diagnosed difficulty: (key, label, where in a diagnose row, transform)
 def _distinct(row: DifficultyRow) -> float:
@@ -262,6 +263,14 @@ def _fmt_pct(v: float) -> str:
     return "-" if math.isnan(v) else f"{100 * v:.0f}"
 
 
+def _y_top(values) -> float:
+    """The top of an accuracy axis: 1, or a tighter round top when every value is far below it
+    (chess at a few percent would otherwise be a flat line at the bottom)."""
+    finite = [v for v in values if v is not None and np.isfinite(v)]
+    peak = max(finite, default=1.0)
+    return 1.0 if peak > 0.5 else max(0.05, math.ceil(peak * 1.15 * 20) / 20)
+
+
 def plot_accuracy(summary: dict, path: Path) -> Path:
     """Accuracy vs budget, one panel per (recall, norm), one line per difficulty (mean, min-max band)."""
     import matplotlib
@@ -272,6 +281,8 @@ def plot_accuracy(summary: dict, path: Path) -> Path:
     recalls = list(dict.fromkeys(c["recall"] for c in summary["configs"]))
     norms = list(dict.fromkeys(c["norm"] for c in summary["configs"]))
     iters = summary["iters"]
+    name = get_task(summary["task"]).difficulty_label
+    top = _y_top([s["max"] for c in summary["configs"] for per in c["acc"].values() for s in per.values()])
     fig, axes = plt.subplots(len(recalls), len(norms), figsize=(2.8 * len(norms), 2.3 * len(recalls)),
                              dpi=110, sharex=True, sharey=True, squeeze=False)
     by = {(c["recall"], c["norm"]): c for c in summary["configs"]}
@@ -283,12 +294,14 @@ def plot_accuracy(summary: dict, path: Path) -> Path:
                 for d in summary["difficulties"]:
                     st = [c["acc"][str(d)][str(k)] for k in iters]
                     mean = [s["mean"] for s in st]
-                    ax.plot(iters, mean, marker="o", ms=3, label=str(d))
+                    ax.plot(iters, mean, marker="o", ms=3, label=name(d))
                     ax.fill_between(iters, [s["min"] for s in st], [s["max"] for s in st], alpha=0.15)
+            else:
+                ax.text(0.5, 0.5, "not run", transform=ax.transAxes, ha="center", va="center", color="gray")
             ax.set_xscale("log", base=2)
             ax.set_xticks(iters, [str(k) for k in iters], fontsize=7)
             ax.minorticks_off()
-            ax.set_ylim(-0.03, 1.03)
+            ax.set_ylim(-0.03 * top, 1.03 * top)
             ax.grid(True, alpha=0.3)
             ax.set_title(f"recall {r}, norm {n}", fontsize=9)
             if j == 0:
@@ -314,12 +327,14 @@ def plot_axes(summary: dict, path: Path) -> Path:
 
     cells = [c for c in summary["cells"] if c["status"] == "finished" and c["axes"]]
     d = max({d for c in cells for d in c["axes"]}, key=int)
+    ran = {c["recall"] for c in cells}, {c["norm"] for c in cells}
+    top = _y_top([c["harder_acc"] for c in cells])
     keys = list(AXES)
     cols = 4
     rows = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), dpi=110, squeeze=False)
-    colors = dict(zip(RECALLS, ("tab:red", "tab:blue", "tab:green")))
-    markers = dict(zip(NORMS, "xos^"))
+    colors = {r: c for r, c in zip(RECALLS, ("tab:red", "tab:blue", "tab:green")) if r in ran[0]}
+    markers = {n: m for n, m in zip(NORMS, "xos^") if n in ran[1]}  # the legend names what the grid ran
     corr = {(r["axis"], str(r["difficulty"])): r for r in summary["correlations"]}
     for ax, key in zip(axes.flat, keys):
         xs = []
@@ -334,9 +349,11 @@ def plot_axes(summary: dict, path: Path) -> Path:
         if len(xs) and xs.max() > 1e3 * max(np.median(xs), 1e-12):  # one outlier would squash the rest
             ax.set_xscale("symlog", linthresh=max(float(np.min(xs)), 1e-6))
         r = corr.get((key, d))
-        rho = f"rho {r['rho']:+.2f}" if r and not math.isnan(r["rho"]) else "rho -"
-        ax.set_title(f"{key} ({rho})", fontsize=9)
-        ax.set_ylim(-0.03, 1.03)
+        spearman = f"Spearman {r['rho']:+.2f}" if r and not math.isnan(r["rho"]) else "Spearman -"
+        ax.set_title(f"{AXES[key][1]}\n{spearman}", fontsize=8)
+        if not len(xs) and not any(np.isfinite(x) for x in [c["axes"].get(d, {}).get(key) or np.nan for c in cells]):
+            ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", color="gray")
+        ax.set_ylim(-0.03 * top, 1.03 * top)
         ax.grid(True, alpha=0.3)
         ax.tick_params(labelsize=7)
     for ax in list(axes.flat)[len(keys):]:
@@ -347,7 +364,9 @@ def plot_axes(summary: dict, path: Path) -> Path:
             ax.scatter([], [], color="gray", marker=m, label=f"norm {name}")
         ax.legend(fontsize=7, loc="center")
     axes[0][0].set_ylabel("harder accuracy" if summary["metric"] == "acc" else f"harder {summary['metric']}")
-    fig.suptitle(f"{summary['task']}: each axis at difficulty {d} vs harder accuracy (one point per run)", fontsize=10)
+    fig.suptitle(f"{summary['task']}: each diagnose axis at difficulty {d} against harder accuracy, one point per run "
+                 "(harder accuracy: mean over the test difficulties\nthe task does not train on, at the largest "
+                 "budget; Spearman: rank correlation over runs)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Callable
 
 import numpy as np
@@ -111,19 +112,24 @@ class Exhausted(Exception):
 
 
 class Budget:
-    """Counts products with J or J^T; the one past `limit` raises `Exhausted`.
+    """Counts products with J or J^T; the one past `limit`, or one after `deadline` (a
+    time.monotonic() value), raises `Exhausted`.
 
     Near rho(J) = 1 or a singular I - J, ARPACK and GMRES can iterate for a very long time;
     a budget keeps `diagnose` bounded and reports such a quantity as not converged.
     """
 
-    def __init__(self, limit: int):
-        self.used, self.limit = 0, limit
+    def __init__(self, limit: int, deadline: float | None = None):
+        self.used, self.limit, self.deadline = 0, limit, deadline
+        self.out_of_time = False
 
     def wrap(self, fn):
         def counted(u):
             self.used += 1
             if self.used > self.limit:
+                raise Exhausted
+            if self.deadline is not None and time.monotonic() > self.deadline:
+                self.out_of_time = True
                 raise Exhausted
             return fn(u)
 

@@ -21,7 +21,7 @@ import torch
 from rich.console import Console
 
 from deqloop.checkpoint import load_checkpoint, save_checkpoint
-from deqloop.errors import CheckpointError
+from deqloop.errors import CheckpointError, ConfigError
 from deqloop.evaluate import eval_max_iter, evaluate, test_set
 from deqloop.io import lock_dir, progress_bar, strict_json, write_rows
 from deqloop.model import LoopedTransformer, ModelConfig, SolveConfig
@@ -47,6 +47,7 @@ class Run:
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.step, self.metrics, self.adjoint_failures = 0, [], 0
         self.lock, self.progress, self.bar, self.test_sets, self.eval_iters = None, None, None, {}, {}
+        self.tb = None  # a torch.utils.tensorboard SummaryWriter with --tensorboard (master only)
 
     def open(self, resume: bool) -> None:
         """Lock out_dir, restore the checkpoint (resume) or refuse to overwrite one, write config.json."""
@@ -86,6 +87,8 @@ class Run:
         if self.cfg.eval_every > 0:
             self.test_sets = {d: test_set(task, d, self.cfg.eval_size) for d in self.cfg.test_difficulties}
             self.eval_iters = {d: eval_max_iter(task, self.solve_cfg, d) for d in self.test_sets}  # harder: more
+        if self.cfg.tensorboard:
+            self.tb = open_tensorboard(self.out_dir / "tensorboard")
         self.progress = progress_bar(info=True, console=Console())
         self.bar = self.progress.add_task(self.cfg.task, total=self.cfg.steps, completed=self.step, info="")
         self.progress.start()
@@ -150,6 +153,8 @@ class Run:
     def log(self, row: dict) -> None:
         row = strict_json(row)
         self.metrics.append(row)
+        if self.tb is not None:
+            _tensorboard_row(self.tb, row)
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row, allow_nan=False) + "\n")
         if not self.progress.console.is_terminal:  # no live bar in a log file: one line per row
@@ -171,7 +176,33 @@ class Run:
                       "(mean of the last quarter): the run diverged; try a lower --lr")
 
     def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
         if self.lock is not None:
             self.lock.close()  # releases the flock
         if self.progress is not None:
             self.progress.stop()
+
+
+def open_tensorboard(path: Path):
+    """A SummaryWriter on `path`; ConfigError (one line) if the tensorboard package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError("--tensorboard needs the tensorboard package: pip install 'deqloop[tensorboard]'") from None
+    return SummaryWriter(log_dir=str(path))
+
+
+def _tensorboard_row(writer, row: dict) -> None:
+    """A metrics row as scalars at its step: train/<name>, and eval/<name>/<difficulty>."""
+    kind, step = row.get("kind"), row.get("step", 0)
+    if kind not in ("train", "eval"):
+        return
+    for name, value in row.items():
+        if name in ("kind", "step", "time"):
+            continue
+        values = value if isinstance(value, dict) else {"": value}
+        for d, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+                writer.add_scalar(f"{kind}/{name}" + (f"/{d}" if d else ""), v, step)
+    writer.flush()

@@ -50,9 +50,9 @@ PROGRESSIVE_STREAM = 2**30
 class Interrupted(Exception):
     """Training stopped on SIGINT/SIGTERM after finishing a step and saving a checkpoint."""
 
-    def __init__(self, message: str, signum: int):
+    def __init__(self, message: str, signum: int, step: int = 0):
         super().__init__(message)
-        self.signum = signum
+        self.signum, self.step = signum, step
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -199,7 +199,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
             if stats["stop"]:
                 signum = stop_signal[0] if stop_signal else signal.SIGTERM
                 raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {run.step}; "
-                                  f"{run.ckpt_path} holds it (continue with --resume)", signum)
+                                  f"{run.ckpt_path} holds it (continue with --resume)", signum, run.step)
         run.warn_if_diverged()
         if procs.distributed:
             dist.barrier()  # every rank leaves together: none tears down gloo while another still uses it

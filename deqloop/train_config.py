@@ -35,6 +35,7 @@ class TrainConfig:
     keep_checkpoints: bool = False  # also keep out_dir/checkpoint_step{N}.pt of every save
     out_dir: str | None = None  # None: runs/<task>
     device: str = "auto"  # auto: cuda if available, else cpu (with torchrun: this process's GPU)
+    tensorboard: bool = False  # also log every metrics row to out_dir/tensorboard (pip install 'deqloop[tensorboard]')
 
     def __post_init__(self):
         for name in ("train_difficulties", "test_difficulties"):
@@ -71,7 +72,7 @@ class TrainConfig:
 # Fields a resumed run may change: they steer the run, not what it computes (`steps` changes the
 # cosine schedule from the resumed step on, which is what extending a run means).
 RUN_CONTROL = ("steps", "eval_every", "eval_size", "log_every", "ckpt_every", "keep_checkpoints",
-               "out_dir", "device")
+               "out_dir", "device", "tensorboard")
 
 
 def stored_configs(ckpt: dict) -> tuple[TrainConfig, ModelConfig, SolveConfig]:

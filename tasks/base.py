@@ -105,6 +105,10 @@ class Task(ABC):
         (sudoku: the number of givens); None where the task has none."""
         return None
 
+    def difficulty_label(self, difficulty: int) -> str:
+        """How plots and tables name a difficulty (prefix sums: "32 bits")."""
+        return str(difficulty)
+
     def verdict(self, inputs: Tensor, pred: Tensor) -> str | None:
         """A one-line check of one predicted answer that needs no label (sudoku: are the rules kept?),
         printed by `cli.py solve`; None where the task has none."""

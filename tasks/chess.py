@@ -399,6 +399,9 @@ class Chess(Task):
             best_to.append(int(t[i]))
         return torch.tensor(best_from), torch.tensor(best_to)
 
+    def difficulty_label(self, difficulty: int) -> str:
+        return f"mate in {difficulty}"
+
     def decode(self, inputs: Tensor, pred: Tensor) -> str:
         """The predicted move as 'UCI SAN' on the original board (e.g. 'h5f7 Qxf7#'); see the module docstring."""
         tokens = inputs.cpu().long()

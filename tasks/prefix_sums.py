@@ -49,6 +49,9 @@ class PrefixSums(Task):
         targets = torch.from_numpy(np.cumsum(bits, axis=1) % 2).long()
         return Batch(inputs, targets, torch.full((n,), difficulty, dtype=torch.long))
 
+    def difficulty_label(self, difficulty: int) -> str:
+        return f"{difficulty} bits"
+
     def decode(self, inputs: Tensor, pred: Tensor) -> str:
         return "".join(str(int(b)) for b in pred)
 

@@ -322,6 +322,9 @@ class Sudoku(Task):
     def breakdown(self, batch: Batch) -> tuple[str, Tensor]:
         return "givens", (batch.inputs > 0).sum(1)
 
+    def difficulty_label(self, difficulty: int) -> str:
+        return BUCKET_NAMES.get(difficulty, str(difficulty))
+
     def verdict(self, inputs: Tensor, pred: Tensor) -> str:
         digits = torch.where(inputs > 0, inputs, pred + 1)[None]  # givens copied, as predict does
         broken = int(broken_units(digits).sum())

@@ -389,3 +389,26 @@ def test_every_config_field_has_a_train_flag():
     cfg, model_cfg, _ = cli.train_configs(cli.build_parser().parse_args(
         ["train", "--task", "prefix_sums", "--no-causal", "--z0", "random", "--z0-seed", "7"]))
     assert (model_cfg.causal, model_cfg.z0, model_cfg.z0_seed) == (False, "random", 7)
+
+
+def test_train_writes_a_tensorboard_log(capsys, tmp_path):
+    """--tensorboard: every train and eval row as scalars at its step, readable by TensorBoard."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "run"
+    code, _, err = run(capsys, "train", *TOY, "--out-dir", out, "--steps", "3", "--eval-every", "3", "--tensorboard")
+    assert code == 0, err
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/grad_norm", "eval/acc/8", "eval/acc/12"} <= tags, tags
+    loss = events.Scalars("train/loss")
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [e.step for e in loss] == [r["step"] for r in rows if r["kind"] == "train"]
+    assert loss[-1].value == pytest.approx([r["loss"] for r in rows if r["kind"] == "train"][-1], rel=1e-6)
+
+
+def test_tensorboard_without_the_package_is_one_line(capsys, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # as if tensorboard were not installed
+    code, _, err = run(capsys, "train", *TOY, "--out-dir", tmp_path / "run", "--steps", "2", "--tensorboard")
+    assert_usage_error(code, err, "pip install 'deqloop[tensorboard]'")

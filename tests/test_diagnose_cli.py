@@ -21,7 +21,7 @@ SMALL = DiagnoseSettings(n_inputs=2, n_starts=1, n_geometry=1)
 VERDICTS = {
     "reachability": {"unreachable", "partly reachable", "reachable from any start", "reachable from z0 only",
                      "reachable (no random starts)"},
-    "input_dependence": {"ignores x", "no fixed point", "IFT unreliable", "depends on x", "mixed"},
+    "input_dependence": {"ignores x", "no fixed point", "IFT unreliable", "depends on x", "mixed", "not measured"},
     "geometry": {"no fixed point", "not measured", "not contractive", "backward fails", "ill-conditioned", "marginal",
                  "well-conditioned"},
 }
@@ -169,3 +169,26 @@ def test_truncated_checkpoint_subprocess(ckpt, tmp_path):
     bad.write_bytes(ckpt.read_bytes()[:300])
     r = run_subprocess("cli.py", "diagnose", bad)
     assert_usage_error(r.returncode, r.stderr, str(bad), "truncated or corrupt")
+
+
+def test_a_time_budget_bounds_diagnose_and_says_what_it_cut(ckpt, capsys):
+    """With no time to spare every costly measurement is cut, and the report says so: nan numbers,
+    'not measured' verdicts, each cut named; without a budget nothing is cut."""
+    tiny = DiagnoseSettings(n_inputs=3, n_starts=1, n_geometry=1, budget_seconds=1e-4)
+    (row,) = diagnose_checkpoint(ckpt, difficulties=[12], settings=tiny).rows
+    assert {"random starts", "float64 refinement", "sensitivity", "geometry"} <= set(row.not_measured)
+    assert row.reachability.per_input["n_steps"] and max(row.reachability.per_input["n_steps"]) < 20  # max_iter cut
+    assert "solve from z0" in row.not_measured
+    assert row.verdicts["input_dependence"] == "not measured" and row.verdicts["geometry"] == "not measured"
+    assert math.isnan(row.geometry.spectral_radius_max) and math.isnan(row.input_dependence.fd_rel_error_max)
+    full = DiagnoseSettings(n_inputs=3, n_starts=1, n_geometry=1, budget_seconds=None)
+    (row,) = diagnose_checkpoint(ckpt, difficulties=[12], settings=full).rows
+    assert row.not_measured == {} and row.verdicts["geometry"] == "well-conditioned"
+    code, out, err = run(capsys, "diagnose", ckpt, "--difficulty", "5", "--n-inputs", "2", "--n-starts", "1",
+                         "--budget-seconds", "0.0001", "--json", ckpt.parent / "budget.json")
+    assert code == 0, err
+    assert "not measured: " in out and "--budget-seconds" in out
+    saved = json.loads((ckpt.parent / "budget.json").read_text())
+    assert saved["settings"]["budget_seconds"] == 0.0001 and "geometry" in saved["rows"][0]["not_measured"]
+    with pytest.raises(ValueError, match="budget_seconds"):
+        DiagnoseSettings(budget_seconds=-1.0)

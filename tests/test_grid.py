@@ -169,3 +169,15 @@ def test_a_cell_runs_in_one_process_at_a_time(tmp_path):
         with pytest.raises(CellBusy, match="another process"):
             run_cell(TINY, tmp_path, "none", "outer", 0)
     assert not (cell_dir(tmp_path, "prefix_sums", "none", "outer", 0) / "checkpoint.pt").exists()
+
+
+def test_a_running_cells_step_is_read_from_its_metrics(tmp_path):
+    """The grid's status line reads a running cell's last train step; a half-written last row
+    (the child is appending) and a missing file are not errors."""
+    from deqloop.grid import _last_step
+
+    assert _last_step(tmp_path) == 0
+    rows = [{"kind": "train", "step": 10}, {"kind": "resume", "step": 10}, {"kind": "train", "step": 20},
+            {"kind": "eval", "step": 20}]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "train", "st')
+    assert _last_step(tmp_path) == 20

@@ -87,3 +87,20 @@ def test_a_shipped_model_is_usable_by_name(installed):
     assert (MODELS / name / "checkpoint.pt").is_file()
     out = sh(bin_dir / "deqloop", "eval", name, "--n", "2", "--iters", "4", cwd=work)
     assert (work / "eval.json").is_file() and "wrote" in out  # outputs beside the name: the current directory
+
+
+def test_a_foreign_tasks_module_is_a_clear_import_error(tmp_path):
+    """PyPI's `tasks` distribution installs a module `tasks`; found first on the path, it must not
+    break deqloop silently: importing deqloop says which module is foreign and what to do."""
+    fake = tmp_path / "tasks"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("# PyPI's tasks 2.8.0 has color.py, commands.py, model.py ...\n")
+    (fake / "model.py").write_text("")
+    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
+    out = subprocess.run([sys.executable, "-c", "import deqloop"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: the module 'tasks' found at") and "pip uninstall tasks" in last, last
+    ok = subprocess.run([sys.executable, "-c", "import deqloop, tasks; print(tasks.TASKS)"], cwd=ROOT,
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "prefix_sums" in ok.stdout, ok.stderr
