@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from deqloop.model import LoopedTransformer, SolveConfig
+from solvers.regularize import jacobian_frobenius
 from solvers.result import SolverResult
 from tasks import Task
 
@@ -37,6 +38,7 @@ class Scored:
     result: SolverResult  # the forward solve
     along: Tensor | None = None  # (K, B, T, C): every loss_every-th differentiated iterate before the last
     progressive: Tensor | None = None  # (B, T, C): the progressive term's logits
+    jacobian: Tensor | None = None  # Hutchinson ||J||_F^2 / numel at z* (jac_reg > 0), differentiable
 
 
 def training_forward(model: LoopedTransformer, tokens: Tensor, solve: SolveConfig,
@@ -97,13 +99,26 @@ def training_loss(task: Task, scored: Scored, targets: Tensor, solve: SolveConfi
 
 class TrainingObjective(nn.Module):
     """The loss of one training batch, as a module, so DistributedDataParallel can wrap it (its
-    gradient hooks need the forward to go through the wrapper)."""
+    gradient hooks need the forward to go through the wrapper).
 
-    def __init__(self, model: LoopedTransformer, task: Task, solve: SolveConfig):
+    jac_reg > 0 adds jac_reg * ||J||_F^2 / numel at the fixed point (Bai et al. 2021; Hutchinson with
+    `jac_samples` vectors from the step's generator, solvers.regularize.jacobian_frobenius).
+    """
+
+    def __init__(self, model: LoopedTransformer, task: Task, solve: SolveConfig, *, jac_reg: float = 0.0,
+                 jac_samples: int = 1):
         super().__init__()
         self.model, self.task, self.solve = model, task, solve
+        self.jac_reg, self.jac_samples = jac_reg, jac_samples
 
     def forward(self, tokens: Tensor, targets: Tensor, generator: torch.Generator | None = None
                 ) -> tuple[Tensor, Scored]:
         scored = training_forward(self.model, tokens, self.solve, generator)
-        return training_loss(self.task, scored, targets, self.solve), scored
+        loss = training_loss(self.task, scored, targets, self.solve)
+        if self.jac_reg > 0:
+            x = self.model.embed_input(tokens)
+            z = scored.result.z.detach().requires_grad_()
+            scored.jacobian = jacobian_frobenius(self.model.f(z, x), z, n_samples=self.jac_samples,
+                                                 generator=generator)
+            loss = loss + self.jac_reg * scored.jacobian
+        return loss, scored

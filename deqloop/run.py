@@ -108,10 +108,11 @@ class Run:
                                      f"{self.ckpt_path}, if any")
         if not self.procs.master:
             return
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == cfg.steps or "rho_estimate" in stats:  # rho: --jac-log-every
             row = {"kind": "train", "step": step, "loss": stats["loss"], "acc": stats["acc"], "lr": lr,
                    "grad_norm": grad_norm, "solver_steps": stats["solver_steps"], "converged": stats["converged"],
                    "max_residual": stats["max_residual"], "time": round(time.time() - self.t_start, 3)}
+            row.update({k: stats[k] for k in ("jac_frobenius", "rho_estimate") if k in stats})
             if adjoint is not None:
                 row.update(b_steps=float(adjoint.n_steps.float().mean()),
                            b_converged=float(adjoint.converged.float().mean()),

@@ -35,16 +35,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from deqloop.errors import ConfigError
 from deqloop.io import resolve_device
-from deqloop.model import ModelConfig, SolveConfig, build_model
+from deqloop.model import LoopedTransformer, ModelConfig, SolveConfig, build_model
 from deqloop.objective import Scored, TrainingObjective
 from deqloop.run import Run
 # the settings live in train_config; these names are importable from here too
 from deqloop.train_config import RUN_CONTROL, TrainConfig, check_resumable, stored_configs  # noqa: F401
+from solvers.regularize import jacobian_frobenius, spectral_radius_estimate
 from tasks import Batch, Task, get_task
 
 # Seed word of the progressive loss's random depth, in the place where the data stream has the
 # rank, so the two streams never coincide (see deqloop.evaluate.EVAL_STREAM).
 PROGRESSIVE_STREAM = 2**30
+JACOBIAN_STREAM = 2**30 + 1  # the logged Jacobian estimates' own vectors (--jac-log-every): no other draw moves
 
 
 class Interrupted(Exception):
@@ -151,6 +153,19 @@ def step_statistics(task: Task, batch: Batch, loss: Tensor, scored: Scored, stop
             "max_residual": residual_v, "stop": stop_v > 0}
 
 
+def jacobian_at_fixed_point(model: LoopedTransformer, batch: Batch, scored: Scored, seed: int) -> dict:
+    """The geometry axis during training, at the step's fixed point: rho(J) (largest power-iteration
+    estimate over the batch, 20 products) and the Hutchinson ||J||_F^2 / numel (one vector)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.enable_grad():
+        x = model.embed_input(batch.inputs).detach()
+        z = scored.result.z.detach().requires_grad_()
+        fz = model.f(z, x)
+        frob = jacobian_frobenius(fz, z, generator=generator, create_graph=False)
+        rho = spectral_radius_estimate(fz, z, n_iters=20, generator=generator)
+    return {"jac_frobenius": float(frob), "rho_estimate": float(rho.max())}
+
+
 # ------------------------------------------------------------------------------------ the run
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, resume: bool = False) -> Path:
@@ -172,7 +187,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
         optimizer = build_optimizer(model, cfg)
         run = Run(cfg, model_cfg, solve_cfg, procs, model, optimizer)
         run.open(resume)
-        objective = TrainingObjective(model, task, solve_cfg)
+        objective = TrainingObjective(model, task, solve_cfg, jac_reg=cfg.jac_reg, jac_samples=cfg.jac_reg_samples)
         if procs.distributed:
             # find_unused_parameters: with recall="none" nothing reaches the embedding through
             # the fixed point (IFT gives z0 no gradient), and DDP must not wait for its gradient.
@@ -195,6 +210,10 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
                 raise FloatingPointError(f"{e} at step {step + 1}; the update was not applied, and the last saved "
                                          f"step is in {run.ckpt_path}, if any") from None
             stats = step_statistics(task, batch, loss, scored, bool(stop_signal), procs)
+            if cfg.jac_log_every and (step + 1) % cfg.jac_log_every == 0 and procs.master:
+                stats.update(jacobian_at_fixed_point(model, batch, scored, stream_seed(cfg.seed, step, JACOBIAN_STREAM)))
+            elif scored.jacobian is not None:
+                stats["jac_frobenius"] = float(scored.jacobian.detach())
             run.finish_step(stats, grad_norm, lr_at(step, cfg), model.backward_result)
             if stats["stop"]:
                 signum = stop_signal[0] if stop_signal else signal.SIGTERM

@@ -35,6 +35,9 @@ class TrainConfig:
     keep_checkpoints: bool = False  # also keep out_dir/checkpoint_step{N}.pt of every save
     out_dir: str | None = None  # None: runs/<task>
     device: str = "auto"  # auto: cuda if available, else cpu (with torchrun: this process's GPU)
+    jac_reg: float = 0.0  # weight of the Jacobian regularizer ||J||_F^2 / numel at z* (Bai et al. 2021; 0: off)
+    jac_reg_samples: int = 1  # Hutchinson vectors of that estimate
+    jac_log_every: int = 0  # log rho(J) (power estimate) and ||J||_F^2 / numel at z* every N steps (0: never)
     tensorboard: bool = False  # also log every metrics row to out_dir/tensorboard (pip install 'deqloop[tensorboard]')
 
     def __post_init__(self):
@@ -45,10 +48,11 @@ class TrainConfig:
                 if not value:
                     raise ConfigError(f"{name} is empty")
         check_field_types(self)
-        for name in ("steps", "batch_size", "eval_size", "log_every"):
+        for name in ("steps", "batch_size", "eval_size", "log_every", "jac_reg_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("seed", "warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay"):
+        for name in ("seed", "warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay", "jac_reg",
+                     "jac_log_every"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -72,7 +76,7 @@ class TrainConfig:
 # Fields a resumed run may change: they steer the run, not what it computes (`steps` changes the
 # cosine schedule from the resumed step on, which is what extending a run means).
 RUN_CONTROL = ("steps", "eval_every", "eval_size", "log_every", "ckpt_every", "keep_checkpoints",
-               "out_dir", "device", "tensorboard")
+               "out_dir", "device", "tensorboard", "jac_log_every")
 
 
 def stored_configs(ckpt: dict) -> tuple[TrainConfig, ModelConfig, SolveConfig]:

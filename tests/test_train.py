@@ -169,3 +169,24 @@ def test_bad_train_config():
     with pytest.raises(ValueError, match="min_lr_ratio"):
         TrainConfig(task="prefix_sums", min_lr_ratio=2.0)
     assert TrainConfig(task="prefix_sums").out_dir == os.path.join("runs", "prefix_sums")
+
+
+def test_jacobian_regularizer_and_its_log(tmp_path):
+    """--jac-reg changes the loss by its term; --jac-log-every logs rho(J) and ||J||_F^2 at the
+    fixed point without changing the training (its vectors have their own seed stream)."""
+    from deqloop.checkpoint import load_checkpoint
+    from deqloop.model import task_configs
+
+    model_cfg, solve_cfg = task_configs(TASK, {"d_model": 16, "n_heads": 2}, {"max_iter": 8})
+
+    def rows(name, **kw):
+        cfg = TrainConfig(task="prefix_sums", steps=4, batch_size=8, log_every=1, eval_every=0, ckpt_every=0,
+                          train_difficulties=(8,), out_dir=str(tmp_path / name), **kw)
+        return [r for r in load_checkpoint(train(cfg, model_cfg, solve_cfg))["metrics"] if r["kind"] == "train"]
+
+    plain, logged, reg = rows("plain"), rows("logged", jac_log_every=2), rows("reg", jac_reg=0.5)
+    assert [r["loss"] for r in logged] == [r["loss"] for r in plain]
+    assert [r["step"] for r in logged if "rho_estimate" in r] == [2, 4]
+    assert all(0 < r["rho_estimate"] < 10 and r["jac_frobenius"] > 0 for r in logged if "rho_estimate" in r)
+    assert reg[0]["jac_frobenius"] > 0 and reg[0]["loss"] == pytest.approx(plain[0]["loss"] + 0.5 * reg[0]["jac_frobenius"],
+                                                                          rel=1e-5)
