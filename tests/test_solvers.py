@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
+from torch import nn
 
 from solvers import (SOLVERS, SolverError, Status, UnknownSolverError, get_solver, solve,
                      solver_options)
@@ -389,3 +390,40 @@ def test_jacobian_frobenius_estimates_the_dense_frobenius_norm():
         jacobian_frobenius(fz, z, n_samples=0)
     with pytest.raises(ValueError, match="require grad"):
         jacobian_frobenius(fz, z.detach())
+
+
+# ------------------------------------------------------------------ spectral normalization
+
+def test_spectral_norm_matches_torchdeq_and_normalizes():
+    from solvers.normalize import apply_spectral_norm, remove_norm, reset_norm
+    from torchdeq.norm import apply_norm
+    from torchdeq.norm import reset_norm as td_reset
+
+    def cell(seed):
+        torch.manual_seed(seed)  # noqa: the layers' own init; the RNG state is restored by fork_rng below
+        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6))
+
+    with torch.random.fork_rng(devices=[]):
+        ours, theirs = cell(0), cell(0)
+        assert apply_spectral_norm(ours, generator=torch.Generator().manual_seed(1)) == ["0", "2"]
+        apply_norm(theirs, "spectral_norm")
+    for a, b in zip(ours, theirs):  # the same starting vectors, then the same update
+        if isinstance(a, nn.Linear):
+            b.weight_u.copy_(a.weight_u), b.weight_v.copy_(a.weight_v)
+    ours.train(), theirs.train()
+    for _ in range(3):
+        reset_norm(ours), td_reset(theirs)
+        for a, b in zip(ours, theirs):
+            if isinstance(a, nn.Linear):
+                torch.testing.assert_close(a.weight, b.weight, rtol=1e-6, atol=1e-7)
+    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
+    ours(x).sum().backward()  # gradients reach weight_orig and the learned scale
+    assert ours[0].weight_orig.grad is not None and ours[0].weight_g.grad is not None
+    for _ in range(200):  # with many power iterations sigma is the top singular value: rows of norm ~1
+        reset_norm(ours)
+    s = torch.linalg.svdvals(ours[2].weight.detach() / ours[2].weight_g.detach())
+    assert abs(float(s.max()) - 1.0) < 1e-4
+    before = ours(x).detach()
+    remove_norm(ours)
+    assert isinstance(ours[0].weight, nn.Parameter) and not hasattr(ours[0], "weight_orig")
+    torch.testing.assert_close(ours(x), before)
