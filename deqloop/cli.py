@@ -354,8 +354,12 @@ def run_grid_command(args) -> int:
     if not args.report_only:
         with progress_bar() as bar:
             job = bar.add_task(f"grid {spec.task}", total=len(spec.cells()))
-            run_grid(spec, args.root, jobs=args.jobs, progress=lambda done, total, name: bar.update(
-                job, completed=done, total=total, description=f"grid {spec.task}" + (f" ({name} done)" if name else "")),
+            def cell_done(done: int, total: int, name: str) -> None:
+                bar.update(job, completed=done, total=total, description=f"grid {spec.task}" + (f" ({name} done)" if name else ""))
+                if name and not bar.console.is_terminal:
+                    print(f"grid {spec.task}: {name} done, {done}/{total} cells", file=sys.stderr, flush=True)
+
+            run_grid(spec, args.root, jobs=args.jobs, progress=cell_done,
                 status=lambda text: bar.update(job, description=f"grid {spec.task}: running {text}"))
     summary = summarize(spec, args.root)
     out = Path(args.report_dir) if args.report_dir else Path(args.root) / spec.task

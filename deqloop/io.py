@@ -106,4 +106,6 @@ def progress_bar(*, info: bool = False, eta: bool = True, transient: bool = Fals
     columns.append(TimeElapsedColumn())
     if eta:
         columns.append(TimeRemainingColumn())
-    return Progress(*columns, console=console or Console(stderr=True), transient=transient)
+    console = console or Console(stderr=True)
+    # outside a terminal a bar is one truncated line at the end: the callers print plain lines instead
+    return Progress(*columns, console=console, transient=transient, disable=not console.is_terminal)

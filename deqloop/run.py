@@ -158,8 +158,8 @@ class Run:
             _tensorboard_row(self.tb, row)
         with open(self.metrics_path, "a") as fh:
             fh.write(json.dumps(row, allow_nan=False) + "\n")
-        if not self.progress.console.is_terminal:  # no live bar in a log file: one line per row
-            self.progress.console.print(json.dumps(row), soft_wrap=True)
+        if not self.progress.console.is_terminal:  # no live bar in a log file: one readable line per row
+            print(row_line(row, self.cfg.steps), flush=True)
 
     def warn(self, message: str) -> None:
         if not self.procs.master:
@@ -207,3 +207,18 @@ def _tensorboard_row(writer, row: dict) -> None:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
                 writer.add_scalar(f"{kind}/{name}" + (f"/{d}" if d else ""), v, step)
     writer.flush()
+
+
+def row_line(row: dict, steps: int) -> str:
+    """A metrics row as one line for a log file (metrics.jsonl keeps every number)."""
+    num = lambda v, f: "n/a" if v is None else format(v, f)
+    if row.get("kind") == "train":
+        line = (f"step {row['step']}/{steps}  loss {num(row['loss'], '.4f')}  acc {num(row['acc'], '.3f')}  "
+                f"lr {num(row['lr'], '.2e')}  grad {num(row['grad_norm'], '.3g')}  solver {num(row['solver_steps'], '.1f')} "
+                f"steps, {num(row['converged'], '.0%')} converged  {row['time']:.0f} s")
+        extra = [f"{k} {num(row[k], '.3g')}" for k in ("rho_estimate", "jac_frobenius", "b_steps") if k in row]
+        return line + ("  " + "  ".join(extra) if extra else "")
+    if row.get("kind") == "eval":
+        return f"step {row['step']} eval acc: " + ", ".join(
+            f"{d} {num(a, '.3f')} (@{row.get('max_iter', {}).get(d, '?')})" for d, a in row["acc"].items())
+    return json.dumps(row)
