@@ -188,12 +188,7 @@ def run_grid(spec: GridSpec, root: str | Path = "runs/grid", *, jobs: int = 1, t
     try:
         while todo or running:
             while todo and len(running) < jobs:
-                cell = todo.pop(0)
-                out = cell_dir(root, spec.task, *cell)
-                out.mkdir(parents=True, exist_ok=True)
-                log = open(out / "log.txt", "a")
-                cmd = [sys.executable, "-m", "deqloop.grid", str(root), spec.task, *map(str, cell)]
-                running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), cell, log))
+                running.append(_launch(spec, root, todo.pop(0), env))
             time.sleep(0.2)
             if status and time.monotonic() - last_status > 5:
                 last_status = time.monotonic()
@@ -353,6 +348,15 @@ def _run_cell(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: in
         cell["diagnose_seconds"] = time.time() - t2
     write_json(cell, out / "cell.json")
     return cell
+
+
+def _launch(spec: GridSpec, root: str | Path, cell: tuple, env: dict) -> tuple[subprocess.Popen, tuple, object]:
+    """Start one cell's child process, its output appended to the cell's log.txt."""
+    out = cell_dir(root, spec.task, *cell)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "log.txt", "a")
+    cmd = [sys.executable, "-m", "deqloop.grid", str(root), spec.task, *map(str, cell)]
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), cell, log
 
 
 def _last_step(out: Path) -> int:
