@@ -147,6 +147,7 @@ def _diagnose_difficulty(model, model64, task, solve, d: int, s: DiagnoseSetting
     except dx.OutOfTime:  # the float32 z* stands in: what follows is measured there, and says so
         refined, z64 = None, reach.z_star[:g].double()
         not_measured["float64 refinement"] = "time budget; sensitivity and geometry at the float32 z*"
+    at_fp = None if refined is None else refined.residual < solve.tol  # (g,) the geometry inputs at a fixed point
     tick(f"{d}: sensitivity (IFT vs finite differences)")
     sens = dx.sensitivity(model64.f, x64, z64, seed=s.seed, fd_eps=s.fd_eps, method=solve.solver, fd_options=tight,
                           deadline=deadline)
@@ -155,9 +156,9 @@ def _diagnose_difficulty(model, model64, task, solve, d: int, s: DiagnoseSetting
     geom = dx.geometry(model64.f, x64, z64, seed=s.seed, tol=s.krylov_tol, adjoint_method=solve.b_solver,
                        adjoint_options={"tol": solve.b_tol, "max_iter": max(solve.b_max_iter, budget)},
                        on_sample=lambda b: tick(f"{d}: geometry of input {b + 1}/{g}"), deadline=deadline,
-                       at_fixed_point=None if refined is None else refined.residual < solve.tol)
-    if refined is not None and not bool((refined.residual < solve.tol).all()):
-        k = int((refined.residual >= solve.tol).sum())
+                       at_fixed_point=at_fp)
+    if at_fp is not None and not bool(at_fp.all()):
+        k = int((~at_fp).sum())
         not_measured["cond(I - J)"] = f"skipped on {k} of {g} inputs not at a fixed point (rho(J) and ||J|| measured)"
     if late():
         not_measured["geometry"] = "cut by the time budget (what is missing is nan)"

@@ -337,12 +337,13 @@ def plot_axes(summary: dict, path: Path) -> Path:
     markers = {n: m for n, m in zip(NORMS, "xos^") if n in ran[1]}  # the legend names what the grid ran
     corr = {(r["axis"], str(r["difficulty"])): r for r in summary["correlations"]}
     for ax, key in zip(axes.flat, keys):
-        xs = []
+        xs, measured = [], False
         for c in cells:
             if d in c["axes"]:
                 x = c["axes"][d][key]
                 x = np.nan if x is None else min(x, 1e6)  # an infinite condition number is drawn at 1e6
                 xs.append(x)
+                measured = measured or bool(np.isfinite(x))
                 ax.scatter([x], [c["harder_acc"]], s=22,
                            color=colors.get(c["recall"], "k"), marker=markers.get(c["norm"], "o"))
         xs = np.array([x for x in xs if np.isfinite(x) and x > 0])
@@ -351,7 +352,7 @@ def plot_axes(summary: dict, path: Path) -> Path:
         r = corr.get((key, d))
         spearman = f"Spearman {r['rho']:+.2f}" if r and not math.isnan(r["rho"]) else "Spearman -"
         ax.set_title(f"{AXES[key][1]}\n{spearman}", fontsize=8)
-        if not len(xs) and not any(np.isfinite(x) for x in [c["axes"].get(d, {}).get(key) or np.nan for c in cells]):
+        if not measured:
             ax.text(0.5, 0.5, "not measured", transform=ax.transAxes, ha="center", va="center", color="gray")
         ax.set_ylim(-0.03 * top, 1.03 * top)
         ax.grid(True, alpha=0.3)

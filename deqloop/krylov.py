@@ -119,17 +119,15 @@ class Budget:
     a budget keeps `diagnose` bounded and reports such a quantity as not converged.
     """
 
-    def __init__(self, limit: int, deadline: float | None = None):
-        self.used, self.limit, self.deadline = 0, limit, deadline
-        self.out_of_time = False
+    def __init__(self, limit: int | None, deadline: float | None = None):
+        self.used, self.limit, self.deadline = 0, limit, deadline  # limit None: the deadline alone
 
     def wrap(self, fn):
         def counted(u):
             self.used += 1
-            if self.used > self.limit:
+            if self.limit is not None and self.used > self.limit:
                 raise Exhausted
             if self.deadline is not None and time.monotonic() > self.deadline:
-                self.out_of_time = True
                 raise Exhausted
             return fn(u)
 

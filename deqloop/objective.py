@@ -36,6 +36,7 @@ class Scored:
 
     logits: Tensor  # (B, T, C) at the last iterate
     result: SolverResult  # the forward solve
+    x: Tensor  # (B, T, d) the embedded input the loop was solved for
     along: Tensor | None = None  # (K, B, T, C): every loss_every-th differentiated iterate before the last
     progressive: Tensor | None = None  # (B, T, C): the progressive term's logits
     jacobian: Tensor | None = None  # Hutchinson ||J||_F^2 / numel at z* (jac_reg > 0), differentiable
@@ -63,7 +64,7 @@ def training_forward(model: LoopedTransformer, tokens: Tensor, solve: SolveConfi
         z, result = model.solve(x, z0, solve, max_iter=steps, detach=detach,
                                 on_iterate=score_along if every else None)
         logits = model.head_logits(z)
-    scored = Scored(logits, result, torch.stack(along) if along else None)
+    scored = Scored(logits, result, x, torch.stack(along) if along else None)
     if progressive:
         scored.progressive = progressive_logits(model, x, z0, steps, solve.phantom_steps, generator)
     return scored
@@ -116,9 +117,8 @@ class TrainingObjective(nn.Module):
         scored = training_forward(self.model, tokens, self.solve, generator)
         loss = training_loss(self.task, scored, targets, self.solve)
         if self.jac_reg > 0:
-            x = self.model.embed_input(tokens)
             z = scored.result.z.detach().requires_grad_()
-            scored.jacobian = jacobian_frobenius(self.model.f(z, x), z, n_samples=self.jac_samples,
+            scored.jacobian = jacobian_frobenius(self.model.f(z, scored.x), z, n_samples=self.jac_samples,
                                                  generator=generator)
             loss = loss + self.jac_reg * scored.jacobian
         return loss, scored

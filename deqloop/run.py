@@ -204,7 +204,7 @@ def _tensorboard_row(writer, row: dict) -> None:
             continue
         values = value if isinstance(value, dict) else {"": value}
         for d, v in values.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
                 writer.add_scalar(f"{kind}/{name}" + (f"/{d}" if d else ""), v, step)
     writer.flush()
 

@@ -116,16 +116,16 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
         lr=cfg.lr, betas=(0.9, 0.999))
 
 
-def train_step(objective: nn.Module, optimizer: torch.optim.Optimizer, batch: Batch, generator: torch.Generator,
-               lr: float, grad_clip: float) -> tuple[Tensor, Scored, float]:
-    """One optimizer step on `batch`: the loss, what the forward scored, and the gradient norm
-    before clipping. FloatingPointError, with the update not applied, if the gradient is not finite."""
+def train_step(objective: nn.Module, optimizer: torch.optim.Optimizer, params: list[Tensor], batch: Batch,
+               generator: torch.Generator, lr: float, grad_clip: float) -> tuple[Tensor, Scored, float]:
+    """One optimizer step on `batch`: the loss, what the forward scored, and the gradient norm of
+    `params` (the trained parameters, in the model's order) before clipping. FloatingPointError,
+    with the update not applied, if the gradient is not finite."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss, scored = objective(batch.inputs, batch.targets, generator)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    params = [p for p in objective.parameters() if p.requires_grad]
     grad_norm = float(torch.nn.utils.clip_grad_norm_(params, grad_clip or math.inf))
     if not math.isfinite(grad_norm):  # the same on every process: DDP averaged the gradients
         raise FloatingPointError(f"the gradient norm is {grad_norm}")
@@ -158,9 +158,8 @@ def jacobian_at_fixed_point(model: LoopedTransformer, batch: Batch, scored: Scor
     estimate over the batch, 20 products) and the Hutchinson ||J||_F^2 / numel (one vector)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
-        x = model.embed_input(batch.inputs).detach()
         z = scored.result.z.detach().requires_grad_()
-        fz = model.f(z, x)
+        fz = model.f(z, scored.x.detach())
         frob = jacobian_frobenius(fz, z, generator=generator, create_graph=False)
         rho = spectral_radius_estimate(fz, z, n_iters=20, generator=generator)
     return {"jac_frobenius": float(frob), "rho_estimate": float(rho.max())}
@@ -198,14 +197,15 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
         run.start(task)
         objective.train()
         local_batch = cfg.batch_size // procs.world_size
+        params = [p for p in model.parameters() if p.requires_grad]  # the clip's order: the model's
         while run.step < cfg.steps:
             step = run.step
             rng = np.random.default_rng([cfg.seed, step, procs.rank])
             batch = task.sample(local_batch, cfg.train_difficulties, rng).to(procs.device)
             generator = torch.Generator().manual_seed(stream_seed(cfg.seed, step, PROGRESSIVE_STREAM))
+            lr = lr_at(step, cfg)
             try:
-                loss, scored, grad_norm = train_step(objective, optimizer, batch, generator, lr_at(step, cfg),
-                                                     cfg.grad_clip)
+                loss, scored, grad_norm = train_step(objective, optimizer, params, batch, generator, lr, cfg.grad_clip)
             except FloatingPointError as e:
                 raise FloatingPointError(f"{e} at step {step + 1}; the update was not applied, and the last saved "
                                          f"step is in {run.ckpt_path}, if any") from None
@@ -214,7 +214,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
                 stats.update(jacobian_at_fixed_point(model, batch, scored, stream_seed(cfg.seed, step, JACOBIAN_STREAM)))
             elif scored.jacobian is not None:
                 stats["jac_frobenius"] = float(scored.jacobian.detach())
-            run.finish_step(stats, grad_norm, lr_at(step, cfg), model.backward_result)
+            run.finish_step(stats, grad_norm, lr, model.backward_result)
             if stats["stop"]:
                 signum = stop_signal[0] if stop_signal else signal.SIGTERM
                 raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {run.step}; "

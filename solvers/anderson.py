@@ -97,10 +97,10 @@ def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 
 
 def _mixing_coefficients(gram: Tensor, rhs: Tensor, reg: float) -> Tensor:
     """gamma = (G + lam I)^-1 rhs per row, lam = reg * trace(G); zero where the system is singular."""
-    m = gram.shape[-1]
-    eye = torch.eye(m, dtype=gram.dtype, device=gram.device)
     lam = reg * gram.diagonal(dim1=1, dim2=2).sum(1) + torch.finfo(torch.float64).tiny
-    chol, info = torch.linalg.cholesky_ex(gram + lam[:, None, None] * eye)
+    ridged = gram.clone()
+    ridged.diagonal(dim1=1, dim2=2).add_(lam[:, None])
+    chol, info = torch.linalg.cholesky_ex(ridged)
     gamma = torch.cholesky_solve(rhs, chol)  # (rows, m, 1)
     ok = (info == 0) & torch.isfinite(gamma).all(dim=(1, 2))
     return torch.where(ok[:, None, None], gamma, torch.zeros_like(gamma))
