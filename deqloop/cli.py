@@ -329,8 +329,13 @@ def add_grid(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=seed_list, metavar="N,N,..", help="these seeds (default: the grid's, 0,1,2)")
     p.add_argument("--steps", type=positive_int, metavar="N",
                    help="training steps per run (default: the grid's; another value needs another --root)")
+    p.add_argument("--set", dest="settings", type=solver_option, action="append", metavar="SECTION.FIELD=VALUE",
+                   help="a setting over the grid's for every cell, e.g. train.jac_reg=0.5 or solve.gradient=ift "
+                        "(SECTION: train, model, solve, diagnose; repeatable; another value needs another --root)")
     p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                    help="runs at once, each with cores/N threads (default: %(default)s)")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="threads per run (default: the cores over --jobs; e.g. 1 to run two grids side by side)")
     p.add_argument("--report-dir", default=None, metavar="DIR",
                    help="write <task>.md, plots and summary JSON here (default: DIR/<task>/ of --root)")
     p.add_argument("--report-only", action="store_true", help="do not run anything; report the cells done so far")
@@ -339,7 +344,7 @@ def add_grid(p: argparse.ArgumentParser) -> None:
 def run_grid_command(args) -> int:
     from dataclasses import replace
 
-    from deqloop.grid import GRIDS, check_spec, run_grid
+    from deqloop.grid import GRIDS, check_spec, run_grid, with_settings
     from deqloop.grid_report import summarize, write_report
 
     if args.task not in GRIDS:
@@ -349,7 +354,7 @@ def run_grid_command(args) -> int:
                if getattr(args, a)}
     if args.steps:
         changes["train"] = {**spec.train, "steps": args.steps}
-    spec = replace(spec, **changes)
+    spec = with_settings(replace(spec, **changes), args.settings or [])
     check_spec(spec)  # GridError (a UsageError) on unknown names, before any work
     if not args.report_only:
         with progress_bar() as bar:
@@ -359,7 +364,7 @@ def run_grid_command(args) -> int:
                 if name and not bar.console.is_terminal:
                     print(f"grid {spec.task}: {name} done, {done}/{total} cells", file=sys.stderr, flush=True)
 
-            run_grid(spec, args.root, jobs=args.jobs, progress=cell_done,
+            run_grid(spec, args.root, jobs=args.jobs, threads=args.threads, progress=cell_done,
                 status=lambda text: bar.update(job, description=f"grid {spec.task}: running {text}"))
     summary = summarize(spec, args.root)
     out = Path(args.report_dir) if args.report_dir else Path(args.root) / spec.task

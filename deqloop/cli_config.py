@@ -12,7 +12,7 @@ from dataclasses import MISSING, fields, replace
 from pathlib import Path
 
 from deqloop.checkpoint import load_checkpoint
-from deqloop.cli_args import difficulty_list, none_or_str, one_line, solver_option, window_arg
+from deqloop.cli_args import difficulty_list, none_or_float, none_or_str, one_line, solver_option, window_arg
 from deqloop.errors import UsageError
 from deqloop.model import BACKWARDS, NORMS, RECALLS, RELATIONS, Z0S, ModelConfig, SolveConfig, task_configs
 from deqloop.train_config import TrainConfig, check_resumable, stored_configs
@@ -136,6 +136,10 @@ FLAG_HELP = {
         "causal": ("attend to earlier positions only (--no-causal: to all)",
                    {"action": argparse.BooleanOptionalAction, "shown": f"the task's, else {default(ModelConfig, 'causal')}"}),
         "z0_seed": ("seed of the random initial state (--z0 random)", {"type": int}),
+        "cell_norm": ("normalize the loop block's linear layers: spectral, weight, or 'none' (solvers.normalize)",
+                      {"type": none_or_str}),
+        "dropout": ("variational dropout on the block's residual branches, one mask per solve (0: off)",
+                    {"type": float}),
     },
     "solver": {
         "solver": ("forward solver (see solvers.SOLVERS)", {}),
@@ -153,6 +157,8 @@ FLAG_HELP = {
         "progressive_alpha": ("weight of the progressive loss term", {"type": float}),
         "loss_every": ("unroll: also score every N-th iterate (loss along the loop), 0 for the last only",
                        {"type": int}),
+        "loss_gamma": ("unroll with loss-every: weigh the k-th of n scored iterates gamma^(n-1-k) (fixed-point "
+                       "correction; 'none': all alike)", {"type": none_or_float}),
         "detach_iters": ("unroll: the first N of the max-iter iterations run without gradient", {"type": int}),
         "detach_random": ("unroll: draw that no-gradient prefix from 0..N at every step (the differentiated "
                           "segment keeps its length)", {"action": "store_const", "const": True}),
@@ -179,6 +185,10 @@ FLAG_HELP = {
                     {"type": float}),
         "jac_reg_samples": ("Hutchinson vectors of the regularizer", {"type": int}),
         "jac_log_every": ("log rho(J) and ||J||_F^2/numel at z* every N steps, 0 for never", {"type": int}),
+        "rho_reg": ("weight of the pull of rho(J) at z* toward --rho-target (one-sided), 0 for off", {"type": float}),
+        "rho_target": ("the spectral radius --rho-reg aims at", {"type": float}),
+        "compile": ("torch.compile the loop block for the training steps (needs a C++ compiler on CPU; "
+                    "falls back to eager with a note)", {"action": "store_const", "const": True}),
         "tensorboard": ("also log to <out-dir>/tensorboard (needs pip install 'deqloop[tensorboard]')",
                         {"action": "store_const", "const": True}),
     },

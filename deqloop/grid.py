@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -127,6 +127,62 @@ def check_spec(spec: GridSpec) -> None:
             raise GridError(f"unknown {name} {bad[0]!r}; choose from {', '.join(valid)}")
     if not spec.seeds:
         raise GridError("no seeds")
+    for section, known in setting_fields().items():
+        bad = sorted(set(getattr(spec, section)) - known)
+        if bad:
+            raise GridError(f"unknown {section} setting {bad[0]!r}; choose from {', '.join(sorted(known))}")
+    _build_configs(spec, spec.recalls[0], spec.norms[0], spec.seeds[0], "unused")  # a bad value: ConfigError here
+
+
+def _build_configs(spec: GridSpec, recall: str, norm: str, seed: int, out: str):
+    """The (model, solve, train) configs of one cell: the task's recipe, then the grid's settings."""
+    from deqloop.diagnose import DiagnoseSettings
+    from deqloop.model import task_configs
+    from deqloop.train import TrainConfig
+
+    task = get_task(spec.task)
+    model_cfg, solve_cfg = task_configs(task, {**spec.model, "recall": recall, "norm": norm}, spec.solve)
+    train_cfg = TrainConfig(task=spec.task, seed=seed, out_dir=out, **{**task.recipe()["train"], **spec.train})
+    DiagnoseSettings(**spec.diagnose)
+    return model_cfg, solve_cfg, train_cfg
+
+
+def setting_fields() -> dict[str, set[str]]:
+    """The fields a grid may set per section (`grid --set SECTION.FIELD=VALUE`): the configs' own."""
+    from dataclasses import fields
+
+    from deqloop.diagnose import DiagnoseSettings
+    from deqloop.model import ModelConfig, SolveConfig
+    from deqloop.train import TrainConfig
+
+    per_cell = {"task", "seed", "out_dir", "recall", "norm"}  # the grid sets these itself
+    return {section: {f.name for f in fields(cls)} - per_cell for section, cls in
+            (("train", TrainConfig), ("model", ModelConfig), ("solve", SolveConfig), ("diagnose", DiagnoseSettings))}
+
+
+def spec_changes(spec: GridSpec) -> list[str]:
+    """SECTION.FIELD=VALUE for every setting where spec differs from its task's grid in GRIDS."""
+    base = GRIDS.get(spec.task)
+    if base is None:
+        return []
+    out = []
+    for section in ("train", "model", "solve", "diagnose"):
+        mine, theirs = getattr(spec, section), getattr(base, section)
+        out += [f"{section}.{k}={mine[k]}" for k in sorted(mine) if k not in theirs or theirs[k] != mine[k]]
+        out += [f"{section}.{k} (the task's default)" for k in sorted(set(theirs) - set(mine))]
+    return out
+
+
+def with_settings(spec: GridSpec, settings: list[tuple[str, object]]) -> GridSpec:
+    """spec with SECTION.FIELD=VALUE pairs laid over its train / model / solve / diagnose dicts."""
+    changes = {}
+    for key, value in settings:
+        section, sep, name = key.partition(".")
+        if not sep or section not in ("train", "model", "solve", "diagnose"):
+            raise GridError(f"--set {key}={value}: expected SECTION.FIELD with SECTION one of train, model, "
+                            "solve, diagnose (e.g. train.jac_reg=0.5)")
+        changes.setdefault(section, dict(getattr(spec, section)))[name] = value
+    return replace(spec, **changes)
 
 
 def claim_root(spec: GridSpec, root: str | Path) -> Path:
@@ -303,15 +359,10 @@ def _run_cell(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: in
     from deqloop.diagnose import DiagnoseSettings, diagnose_checkpoint
     from deqloop.evaluate import evaluate_checkpoint
     from deqloop.io import write_json
-    from deqloop.model import task_configs
-    from deqloop.train import TrainConfig, train
-    from tasks import get_task
+    from deqloop.train import train
 
     out = cell_dir(root, spec.task, recall, norm, seed)  # the child's threads: OMP_NUM_THREADS, read by torch
-    model_cfg, solve_cfg = task_configs(get_task(spec.task), {**spec.model, "recall": recall, "norm": norm},
-                                        spec.solve)
-    train_fields = {**get_task(spec.task).recipe()["train"], **spec.train}  # the task's recipe, then the grid's
-    train_cfg = TrainConfig(task=spec.task, seed=seed, out_dir=str(out), **train_fields)
+    model_cfg, solve_cfg, train_cfg = _build_configs(spec, recall, norm, seed, str(out))
     ckpt_path = out / "checkpoint.pt"
     cell = {"grid_version": GRID_VERSION, "fingerprint": spec.fingerprint(), "task": spec.task,
             "recall": recall, "norm": norm, "seed": seed, "threads": torch.get_num_threads()}

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from deqloop.grid import GridSpec, cell_dir, load_cell, read_metrics, training_seconds
+from deqloop.grid import GridSpec, cell_dir, load_cell, read_metrics, spec_changes, training_seconds
 from deqloop.diagnose_report import DiagnoseReport, DifficultyRow
 from deqloop.io import write_json
 from deqloop.model import NORMS, RECALLS
@@ -119,7 +119,7 @@ def summarize(spec: GridSpec, root: str | Path) -> dict:
                 row["axes"][d] = {k: _stats([c["axes"][d][k] for c in ok if d in c["axes"]]) for k in AXES}
             configs.append(row)
     return {"task": spec.task, "fingerprint": spec.fingerprint(), "settings": spec.settings(), "note": spec.note,
-            "metric": spec.metric,
+            "metric": spec.metric, "changes": spec_changes(spec),
             "n_cells": len(spec.cells()), "n_done": len(cells), "difficulties": difficulties, "iters": iters,
             "train_difficulties": train_d, "harder_difficulties": harder, "cells": cells, "configs": configs,
             "correlations": correlations(cells)}
@@ -191,12 +191,14 @@ def write_report(spec: GridSpec, summary: dict, out_dir: str | Path, root_label:
 def markdown(summary: dict, figures: list[str]) -> str:
     task, iters = summary["task"], summary["iters"]
     hard = ", ".join(map(str, summary["harder_difficulties"]))
+    changes = summary.get("changes") or []  # summaries written before grid --set have none
     metric = ("exact-match accuracy" if summary["metric"] == "acc"
               else f"`{summary['metric']}` (the task's metric; exact accuracy in the column *exact harder*)")
     lines = [f"# Grid: {task}", "",
-             f"Written by `python cli.py grid {task}` (or `--report-only`); {summary['n_done']} of {summary['n_cells']} cells "
+             f"Written by `python cli.py grid {task}{''.join(f' --set {c}' for c in changes if '=' in c)}` (or `--report-only`); {summary['n_done']} of {summary['n_cells']} cells "
              f"done (settings fingerprint `{summary['fingerprint']}`).", "",
              f"Size: {summary['note']}." if summary["note"] else "", "",
+             *([f"Settings over the grid's: {', '.join(f'`{c}`' for c in changes)}.", ""] if changes else []),
              f"Metric: {metric}. Values in %, mean ± standard deviation over seeds (a diverged run counts as 0; "
              "*div* in the last column). "
              f"*train*: training difficulties {summary['train_difficulties']} at the training budget; "

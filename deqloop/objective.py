@@ -6,7 +6,8 @@
 The model's own forward gives the logits at the fixed point, differentiated by
 solve.gradient (ift, phantom, unroll). The recipe of the training loss lives here:
 - loss along the loop (unroll, loss_every=k): every k-th differentiated iterate is scored
-  too, and every scored iterate weighs the same (Yang et al. 2023; Palm et al. 2018);
+  too, and every scored iterate weighs the same (Yang et al. 2023; Palm et al. 2018), or with
+  loss_gamma the k-th of n weighs gamma^(n-1-k) (fixed-point correction, Bai et al. 2022);
 - a random no-gradient prefix (detach_random): 0..detach_iters iterations without gradient,
   drawn per step, then the same differentiated segment;
 - the progressive loss (backward="progressive", Bansal et al., "End-to-end Algorithm
@@ -25,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from deqloop.model import LoopedTransformer, SolveConfig
-from solvers.regularize import jacobian_frobenius
+from solvers.regularize import fp_correction, fp_weights, jacobian_frobenius, spectral_radius_penalty
 from solvers.result import SolverResult
 from tasks import Task
 
@@ -40,6 +41,15 @@ class Scored:
     along: Tensor | None = None  # (K, B, T, C): every loss_every-th differentiated iterate before the last
     progressive: Tensor | None = None  # (B, T, C): the progressive term's logits
     jacobian: Tensor | None = None  # Hutchinson ||J||_F^2 / numel at z* (jac_reg > 0), differentiable
+    rho_penalty: Tensor | None = None  # mean relu(rho(J) - target)^2 at z* (rho_reg > 0), differentiable
+
+    def detached(self) -> Scored:
+        """The same record without autograd history: what a step reads after its loss. (DDP walks a
+        forward's outputs to find the parameters in use; the embedded input x would otherwise
+        count as use of the embedding, also where no gradient reaches it.)"""
+        cut = lambda t: t.detach() if isinstance(t, Tensor) else t
+        return Scored(cut(self.logits), self.result, cut(self.x), cut(self.along), cut(self.progressive),
+                      cut(self.jacobian), cut(self.rho_penalty))
 
 
 def training_forward(model: LoopedTransformer, tokens: Tensor, solve: SolveConfig,
@@ -62,7 +72,7 @@ def training_forward(model: LoopedTransformer, tokens: Tensor, solve: SolveConfi
     progressive = solve.backward == "progressive" and torch.is_grad_enabled()
     with torch.set_grad_enabled(torch.is_grad_enabled() and not (progressive and solve.progressive_alpha == 1)):
         z, result = model.solve(x, z0, solve, max_iter=steps, detach=detach,
-                                on_iterate=score_along if every else None)
+                                on_iterate=score_along if every else None, generator=generator)
         logits = model.head_logits(z)
     scored = Scored(logits, result, x, torch.stack(along) if along else None)
     if progressive:
@@ -94,8 +104,12 @@ def training_loss(task: Task, scored: Scored, targets: Tensor, solve: SolveConfi
         return (1 - solve.progressive_alpha) * loss + solve.progressive_alpha * prog
     if scored.along is None:
         return loss
-    along = [task.loss(step_logits, targets) for step_logits in scored.along]
-    return (loss + sum(along)) / (1 + len(along))
+    if solve.loss_gamma is None:
+        along = [task.loss(step_logits, targets) for step_logits in scored.along]
+        return (loss + sum(along)) / (1 + len(along))
+    states = [*scored.along, scored.logits]  # fixed-point correction, the weights normalized to sum 1
+    weights = fp_weights(len(states), solve.loss_gamma)
+    return fp_correction(lambda logits: task.loss(logits, targets), states, gamma=solve.loss_gamma) / sum(weights)
 
 
 class TrainingObjective(nn.Module):
@@ -103,22 +117,30 @@ class TrainingObjective(nn.Module):
     gradient hooks need the forward to go through the wrapper).
 
     jac_reg > 0 adds jac_reg * ||J||_F^2 / numel at the fixed point (Bai et al. 2021; Hutchinson with
-    `jac_samples` vectors from the step's generator, solvers.regularize.jacobian_frobenius).
+    `jac_samples` vectors from the step's generator, solvers.regularize.jacobian_frobenius);
+    rho_reg > 0 adds rho_reg * mean relu(rho(J) - rho_target)^2 (5 power iterations,
+    solvers.regularize.spectral_radius_penalty).
     """
 
     def __init__(self, model: LoopedTransformer, task: Task, solve: SolveConfig, *, jac_reg: float = 0.0,
-                 jac_samples: int = 1):
+                 jac_samples: int = 1, rho_reg: float = 0.0, rho_target: float = 0.9):
         super().__init__()
         self.model, self.task, self.solve = model, task, solve
         self.jac_reg, self.jac_samples = jac_reg, jac_samples
+        self.rho_reg, self.rho_target = rho_reg, rho_target
 
     def forward(self, tokens: Tensor, targets: Tensor, generator: torch.Generator | None = None
                 ) -> tuple[Tensor, Scored]:
         scored = training_forward(self.model, tokens, self.solve, generator)
         loss = training_loss(self.task, scored, targets, self.solve)
-        if self.jac_reg > 0:
+        if self.jac_reg > 0 or self.rho_reg > 0:
             z = scored.result.z.detach().requires_grad_()
-            scored.jacobian = jacobian_frobenius(self.model.f(z, scored.x), z, n_samples=self.jac_samples,
-                                                 generator=generator)
-            loss = loss + self.jac_reg * scored.jacobian
-        return loss, scored
+            fz = self.model.f(z, scored.x)
+            if self.jac_reg > 0:
+                scored.jacobian = jacobian_frobenius(fz, z, n_samples=self.jac_samples, generator=generator)
+                loss = loss + self.jac_reg * scored.jacobian
+            if self.rho_reg > 0:
+                scored.rho_penalty = spectral_radius_penalty(fz, z, self.rho_target, one_sided=True,
+                                                             generator=generator)
+                loss = loss + self.rho_reg * scored.rho_penalty
+        return loss, scored.detached()

@@ -23,6 +23,7 @@ import math
 import os
 import signal
 import threading
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
@@ -165,6 +166,39 @@ def jacobian_at_fixed_point(model: LoopedTransformer, batch: Batch, scored: Scor
     return {"jac_frobenius": float(frob), "rho_estimate": float(rho.max())}
 
 
+def may_leave_unused(model_cfg: ModelConfig) -> bool:
+    """Whether a training step can leave a parameter without gradient, so DDP must search the
+    graph for it every step: only without recall, where the input reaches the loop through z0
+    alone, which the IFT / phantom gradient, a no-gradient prefix or the progressive term's
+    detached start cut off. With recall the embedded input enters every iteration."""
+    return model_cfg.recall == "none"
+
+
+def compile_block(model: LoopedTransformer, objective: nn.Module, batch: Batch) -> str:
+    """torch.compile the model's block for training, compiled now on one forward and backward of
+    `batch` (no update, no RNG: the step's own draws are untouched); on a compiler error, eager
+    again. Returns the one-line note to show."""
+    import torch._dynamo
+
+    t0 = time.time()
+    buffers = {name: b.clone() for name, b in model.named_buffers()}  # e.g. spectral norm's vectors
+    model.compile_block()
+    try:
+        loss, _ = objective(batch.inputs, batch.targets, torch.Generator().manual_seed(0))
+        loss.backward()
+    except torch._dynamo.exc.TorchDynamoException as e:
+        model.compile_block(False)
+        torch._dynamo.reset()
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        return f"--compile: torch.compile failed ({first[:160]}); training runs eager"
+    finally:
+        model.zero_grad(set_to_none=True)
+        with torch.no_grad():
+            for name, b in model.named_buffers():
+                b.copy_(buffers[name])
+    return f"--compile: the loop block compiled in {time.time() - t0:.0f} s (a shape seen later compiles again)"
+
+
 # ------------------------------------------------------------------------------------ the run
 
 def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, resume: bool = False) -> Path:
@@ -186,22 +220,25 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
         optimizer = build_optimizer(model, cfg)
         run = Run(cfg, model_cfg, solve_cfg, procs, model, optimizer)
         run.open(resume)
-        objective = TrainingObjective(model, task, solve_cfg, jac_reg=cfg.jac_reg, jac_samples=cfg.jac_reg_samples)
+        objective = TrainingObjective(model, task, solve_cfg, jac_reg=cfg.jac_reg, jac_samples=cfg.jac_reg_samples,
+                                      rho_reg=cfg.rho_reg, rho_target=cfg.rho_target)
         if procs.distributed:
-            # find_unused_parameters: with recall="none" nothing reaches the embedding through
-            # the fixed point (IFT gives z0 no gradient), and DDP must not wait for its gradient.
             objective = DistributedDataParallel(objective, device_ids=[procs.device.index] if procs.device.type == "cuda"
-                                                else None, find_unused_parameters=True)
+                                                else None, find_unused_parameters=may_leave_unused(model_cfg))
         stop_signal = []  # SIGINT/SIGTERM finish the step, save, and stop (a second SIGINT: at once)
         restore_signals = _catch_signals(stop_signal)
         run.start(task)
         objective.train()
         local_batch = cfg.batch_size // procs.world_size
         params = [p for p in model.parameters() if p.requires_grad]  # the clip's order: the model's
+        compile_pending = cfg.compile
         while run.step < cfg.steps:
             step = run.step
             rng = np.random.default_rng([cfg.seed, step, procs.rank])
             batch = task.sample(local_batch, cfg.train_difficulties, rng).to(procs.device)
+            if compile_pending:
+                compile_pending = False
+                run.warn(compile_block(model, objective, batch))
             generator = torch.Generator().manual_seed(stream_seed(cfg.seed, step, PROGRESSIVE_STREAM))
             lr = lr_at(step, cfg)
             try:
@@ -214,6 +251,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
                 stats.update(jacobian_at_fixed_point(model, batch, scored, stream_seed(cfg.seed, step, JACOBIAN_STREAM)))
             elif scored.jacobian is not None:
                 stats["jac_frobenius"] = float(scored.jacobian.detach())
+            if scored.rho_penalty is not None:
+                stats["rho_penalty"] = float(scored.rho_penalty.detach())
             run.finish_step(stats, grad_norm, lr, model.backward_result)
             if stats["stop"]:
                 signum = stop_signal[0] if stop_signal else signal.SIGTERM

@@ -38,6 +38,9 @@ class TrainConfig:
     jac_reg: float = 0.0  # weight of the Jacobian regularizer ||J||_F^2 / numel at z* (Bai et al. 2021; 0: off)
     jac_reg_samples: int = 1  # Hutchinson vectors of that estimate
     jac_log_every: int = 0  # log rho(J) (power estimate) and ||J||_F^2 / numel at z* every N steps (0: never)
+    rho_reg: float = 0.0  # weight of the pull of rho(J) at z* toward rho_target (0: off)
+    rho_target: float = 0.9  # the spectral radius that pull aims at (one-sided: only a larger rho is penalized)
+    compile: bool = False  # torch.compile the loop block for training steps (eager fallback, with a note)
     tensorboard: bool = False  # also log every metrics row to out_dir/tensorboard (pip install 'deqloop[tensorboard]')
 
     def __post_init__(self):
@@ -52,7 +55,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("seed", "warmup_steps", "eval_every", "ckpt_every", "grad_clip", "weight_decay", "jac_reg",
-                     "jac_log_every"):
+                     "jac_log_every", "rho_reg", "rho_target"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
@@ -76,7 +79,7 @@ class TrainConfig:
 # Fields a resumed run may change: they steer the run, not what it computes (`steps` changes the
 # cosine schedule from the resumed step on, which is what extending a run means).
 RUN_CONTROL = ("steps", "eval_every", "eval_size", "log_every", "ckpt_every", "keep_checkpoints",
-               "out_dir", "device", "tensorboard", "jac_log_every")
+               "out_dir", "device", "tensorboard", "jac_log_every", "compile")
 
 
 def stored_configs(ckpt: dict) -> tuple[TrainConfig, ModelConfig, SolveConfig]:

@@ -1,9 +1,15 @@
-"""Spectral normalization of a fixed-point map's linear layers, the DEQ way: the normalized weight
-is recomputed once per solve (`reset_norm`), not at every one of the loop's evaluations.
+"""Spectral or weight normalization of a fixed-point map's linear layers, the DEQ way: the
+normalized weight is recomputed once per solve (`reset_norm`), not at every one of the loop's
+evaluations.
 
-    apply_spectral_norm(cell, generator=g)      # every nn.Linear of `cell`
-    reset_norm(cell)                            # before each solve: weight = weight_orig * g / sigma
+    apply_spectral_norm(cell, generator=g)      # every nn.Linear of `cell`: weight_orig * g / sigma
+    apply_weight_norm(cell)                     # or: weight_v * g / ||row of weight_v||
+    reset_norm(cell)                            # before each solve
     remove_norm(cell)                           # bake the normalized weights back into parameters
+
+Weight normalization (Salimans & Kingma 2016) follows torchdeq's `WeightNorm` for nn.Linear (a
+norm per output row, the learned scale started at the row's norm, or a fixed `target_norm`, and
+an optional clip of the factor g / ||v||).
 
 Miyato et al., "Spectral Normalization for Generative Adversarial Networks", ICLR 2018; the DEQ
 variant (a learned scale per output row, started at `target_norm`, recomputed once per forward)
@@ -31,9 +37,7 @@ def apply_spectral_norm(module: nn.Module, *, target_norm: float = 1.0, learn_sc
     if not target_norm > 0 or isinstance(n_power_iterations, bool) or n_power_iterations < 1:
         raise ValueError(f"need target_norm > 0 and n_power_iterations >= 1, got {target_norm}, {n_power_iterations}")
     done = []
-    for name, layer in module.named_modules():
-        if not isinstance(layer, nn.Linear) or any(s in name for s in skip) or hasattr(layer, _STATE):
-            continue
+    for name, layer in _plain_linears(module, skip):
         weight = layer.weight
         h, w = weight.shape
         draw = lambda n: F.normalize(torch.randn(n, generator=generator, dtype=weight.dtype).to(weight.device),
@@ -46,15 +50,54 @@ def apply_spectral_norm(module: nn.Module, *, target_norm: float = 1.0, learn_sc
                                                                           dtype=weight.dtype, device=weight.device)))
         layer.register_buffer("weight_u", u)
         layer.register_buffer("weight_v", v)
-        setattr(layer, _STATE, {"target_norm": float(target_norm), "learn_scale": learn_scale,
+        setattr(layer, _STATE, {"kind": "spectral", "target_norm": float(target_norm), "learn_scale": learn_scale,
                                 "n_power_iterations": n_power_iterations})
         layer.weight = _normalized(layer, power=False)
         done.append(name)
     return done
 
 
+def apply_weight_norm(module: nn.Module, *, target_norm: float = 1.0, learn_scale: bool = True,
+                      clip: float | None = None, skip: tuple[str, ...] = ()) -> list[str]:
+    """Weight-normalize every nn.Linear in `module` (but those whose qualified name contains a
+    string of `skip`): weight = weight_v * factor, factor = g / ||weight_v row|| (g learned,
+    started at the row norms) or target_norm / ||row|| (learn_scale=False), at most `clip` if
+    given. Returns the names of the layers it normalized."""
+    if not target_norm > 0 or (clip is not None and not clip > 0):
+        raise ValueError(f"need target_norm > 0 and clip > 0 (or None), got {target_norm}, {clip}")
+    done = []
+    for name, layer in _plain_linears(module, skip):
+        weight = layer.weight
+        del layer.weight
+        layer.register_parameter("weight_v", weight)
+        if learn_scale:
+            layer.register_parameter("weight_g", nn.Parameter(_row_norms(weight).detach().clone()))
+        setattr(layer, _STATE, {"kind": "weight", "target_norm": float(target_norm), "learn_scale": learn_scale,
+                                "clip": None if clip is None else float(clip)})
+        layer.weight = _normalized(layer, power=False)
+        done.append(name)
+    return done
+
+
+def _plain_linears(module: nn.Module, skip: tuple[str, ...]) -> list[tuple[str, nn.Linear]]:
+    """The nn.Linear layers of `module` not yet normalized, but those whose name contains a `skip`."""
+    return [(name, layer) for name, layer in module.named_modules()
+            if isinstance(layer, nn.Linear) and not any(s in name for s in skip) and not hasattr(layer, _STATE)]
+
+
+def _row_norms(w: torch.Tensor) -> torch.Tensor:
+    return w.norm(dim=1, keepdim=True)
+
+
 def _normalized(layer: nn.Linear, power: bool) -> torch.Tensor:
     state = getattr(layer, _STATE)
+    if state["kind"] == "weight":
+        w = layer.weight_v
+        scale = layer.weight_g if state["learn_scale"] else state["target_norm"]
+        factor = scale / _row_norms(w)
+        if state["clip"] is not None:
+            factor = factor.clamp(max=state["clip"])
+        return w * factor
     w = layer.weight_orig
     u, v = layer.weight_u, layer.weight_v
     if power:
@@ -68,12 +111,13 @@ def _normalized(layer: nn.Linear, power: bool) -> torch.Tensor:
     return w * (scale / sigma)
 
 
-def reset_norm(module: nn.Module) -> None:
-    """Recompute every normalized weight of `module` (with power iterations in training mode);
-    call once before each solve, so the loop's evaluations share one weight and one graph."""
+def reset_norm(module: nn.Module, *, power: bool | None = None) -> None:
+    """Recompute every normalized weight of `module` (spectral: with power iterations in training
+    mode, or as `power` says); call once before each solve, so the loop's evaluations share one
+    weight and one graph, and after loading a state dict or moving the module."""
     for layer in module.modules():
         if hasattr(layer, _STATE):
-            layer.weight = _normalized(layer, power=layer.training)
+            layer.weight = _normalized(layer, power=layer.training if power is None else power)
 
 
 def remove_norm(module: nn.Module) -> None:
@@ -82,7 +126,7 @@ def remove_norm(module: nn.Module) -> None:
         if hasattr(layer, _STATE):
             with torch.no_grad():
                 weight = _normalized(layer, power=False).detach().clone()
-            for name in ("weight", "weight_orig", "weight_g", "weight_u", "weight_v"):
+            for name in ("weight", "weight_orig", "weight_g", "weight_u", "weight_v"):  # either kind's
                 if hasattr(layer, name):
                     delattr(layer, name)
             delattr(layer, _STATE)

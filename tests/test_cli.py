@@ -243,10 +243,14 @@ def test_solve_bad_inputs(capsys, ckpt, tmp_path):
     assert_usage_error(*run(capsys, "frobnicate")[::2], "invalid choice")
 
 
-def test_torchrun_two_processes(tmp_path):
+@pytest.mark.parametrize("extra", [(), ("--recall", "none", "--backward", "ift", "--solver", "fixed_point_iter")])
+def test_torchrun_two_processes(tmp_path, extra):
+    """DDP on 2 processes; without recall an IFT step leaves the embedding without gradient, and
+    DDP is told to look for unused parameters there (and only there)."""
     out = tmp_path / "ddp"
     r = run_subprocess("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "cli.py", "train",
-                       *TOY, "--steps", "3", "--eval-every", "3", "--device", "cpu", "--out-dir", out, timeout=300)
+                       *TOY, *extra, "--steps", "3", "--eval-every", "3", "--device", "cpu", "--out-dir", out,
+                       timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     saved = load_checkpoint(out / "checkpoint.pt")
     assert saved["step"] == 3 and saved["world_size"] == 2

@@ -181,3 +181,20 @@ def test_a_running_cells_step_is_read_from_its_metrics(tmp_path):
             {"kind": "eval", "step": 20}]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"kind": "train", "st')
     assert _last_step(tmp_path) == 20
+
+
+def test_cli_grid_set_changes_every_cell_and_is_checked(capsys, tmp_path):
+    from deqloop.grid import GRIDS, spec_changes, with_settings
+
+    spec = with_settings(GRIDS["prefix_sums"], [("train.jac_reg", 0.5), ("solve.backward", "ift")])
+    assert spec.train["jac_reg"] == 0.5 and spec.train["steps"] == GRIDS["prefix_sums"].train["steps"]
+    assert spec.fingerprint() != GRIDS["prefix_sums"].fingerprint()  # another root, never a silent mix
+    assert spec_changes(spec) == ["train.jac_reg=0.5", "solve.backward=ift"]
+    code, out, _ = run(capsys, "grid", "prefix_sums", "--set", "train.jac_reg=0.5", "--report-only",
+                       "--root", tmp_path)
+    assert code == 0
+    report = (tmp_path / "prefix_sums" / "prefix_sums.md").read_text()
+    assert "--set train.jac_reg=0.5" in report and "`train.jac_reg=0.5`" in report
+    for bad, words in ((["--set", "jac_reg=1"], "SECTION.FIELD"), (["--set", "train.nosuch=1"], "nosuch"),
+                       (["--set", "train.jac_reg=abc"], "jac_reg"), (["--set", "model.recall=none"], "recall")):
+        assert_usage_error(*run(capsys, "grid", "prefix_sums", *bad, "--report-only", "--root", tmp_path)[::2], words)

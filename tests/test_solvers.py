@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import scipy.optimize
 import torch
-from torch import nn
 
 from solvers import (SOLVERS, SolverError, Status, UnknownSolverError, get_solver, solve,
                      solver_options)
@@ -347,83 +346,3 @@ def test_safeguarded_anderson_still_converges_where_plain_iteration_fails():
 def test_anderson_bad_variant_options(bad, words):
     with pytest.raises(ValueError, match=words):
         solve(lambda z: 0.5 * z, torch.zeros(2, 12, dtype=F64), method="anderson", **bad)
-
-
-# ------------------------------------------------------------------ Jacobian regularization
-
-def _cell(seed=0, d=6):
-    g = torch.Generator().manual_seed(seed)
-    W = torch.randn(d, d, generator=g, dtype=torch.float64) * 0.5
-    return lambda z: torch.tanh(z @ W.T + 0.3)
-
-
-def test_jacobian_frobenius_matches_torchdeq_on_the_same_vectors():
-    from solvers.regularize import jacobian_frobenius
-    from torchdeq.loss import jac_reg
-
-    f = _cell()  # float32 z: torchdeq draws float32 vectors and casts them to z's dtype
-    z = torch.randn(4, 6, generator=torch.Generator().manual_seed(1)).requires_grad_()
-    fz = f(z.double()).float()
-    ours = jacobian_frobenius(fz, z, n_samples=3, generator=torch.Generator().manual_seed(7))
-    with torch.random.fork_rng(devices=[]):  # torchdeq draws from the global RNG: the same seed, the same vectors
-        torch.manual_seed(7)
-        theirs = jac_reg(fz, z, vecs=3)
-    torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=0)
-    ours.backward()  # differentiable (create_graph): the training loss can use it
-    assert z.grad is not None and torch.isfinite(z.grad).all()
-
-
-def test_jacobian_frobenius_estimates_the_dense_frobenius_norm():
-    from solvers.regularize import jacobian_frobenius, spectral_radius_estimate
-
-    f = _cell(seed=2)
-    z = torch.randn(3, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64).requires_grad_()
-    fz = f(z)
-    jac = torch.stack([torch.autograd.functional.jacobian(f, z[b:b + 1].detach())[0, :, 0, :] for b in range(3)])
-    exact = jac.pow(2).sum() / z.numel()
-    est = jacobian_frobenius(fz, z, n_samples=4000, generator=torch.Generator().manual_seed(4), create_graph=False)
-    assert abs(float(est) - float(exact)) < 0.05 * float(exact)  # Hutchinson: unbiased, std ~ 1/sqrt(samples)
-    rho = spectral_radius_estimate(fz, z, n_iters=200, generator=torch.Generator().manual_seed(5))
-    exact_rho = torch.linalg.eigvals(jac).abs().max(dim=1).values
-    torch.testing.assert_close(rho, exact_rho, rtol=5e-2, atol=1e-6)
-    with pytest.raises(ValueError, match="n_samples"):
-        jacobian_frobenius(fz, z, n_samples=0)
-    with pytest.raises(ValueError, match="require grad"):
-        jacobian_frobenius(fz, z.detach())
-
-
-# ------------------------------------------------------------------ spectral normalization
-
-def test_spectral_norm_matches_torchdeq_and_normalizes():
-    from solvers.normalize import apply_spectral_norm, remove_norm, reset_norm
-    from torchdeq.norm import apply_norm
-    from torchdeq.norm import reset_norm as td_reset
-
-    def cell(seed):
-        torch.manual_seed(seed)  # noqa: the layers' own init; the RNG state is restored by fork_rng below
-        return nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 6))
-
-    with torch.random.fork_rng(devices=[]):
-        ours, theirs = cell(0), cell(0)
-        assert apply_spectral_norm(ours, generator=torch.Generator().manual_seed(1)) == ["0", "2"]
-        apply_norm(theirs, "spectral_norm")
-    for a, b in zip(ours, theirs):  # the same starting vectors, then the same update
-        if isinstance(a, nn.Linear):
-            b.weight_u.copy_(a.weight_u), b.weight_v.copy_(a.weight_v)
-    ours.train(), theirs.train()
-    for _ in range(3):
-        reset_norm(ours), td_reset(theirs)
-        for a, b in zip(ours, theirs):
-            if isinstance(a, nn.Linear):
-                torch.testing.assert_close(a.weight, b.weight, rtol=1e-6, atol=1e-7)
-    x = torch.randn(5, 6, generator=torch.Generator().manual_seed(2))
-    ours(x).sum().backward()  # gradients reach weight_orig and the learned scale
-    assert ours[0].weight_orig.grad is not None and ours[0].weight_g.grad is not None
-    for _ in range(200):  # with many power iterations sigma is the top singular value: rows of norm ~1
-        reset_norm(ours)
-    s = torch.linalg.svdvals(ours[2].weight.detach() / ours[2].weight_g.detach())
-    assert abs(float(s.max()) - 1.0) < 1e-4
-    before = ours(x).detach()
-    remove_norm(ours)
-    assert isinstance(ours[0].weight, nn.Parameter) and not hasattr(ours[0], "weight_orig")
-    torch.testing.assert_close(ours(x), before)

@@ -1,0 +1,225 @@
+"""Training and solving speed of each task's recipe against the machine's matmul peak.
+
+    .venv/bin/python bench/throughput.py                          # every task's default recipe
+    .venv/bin/python bench/throughput.py --tasks sudoku,chess --presets default,long
+    .venv/bin/python bench/throughput.py --steps 3 --json out.json
+
+For each recipe, in one process, on the same threads (torch's count, or --threads):
+- train: seconds per training step (forward + backward + AdamW on a fresh batch, the recipe's
+  batch size and solve; the median of --steps timed steps after one warm-up), the FLOPs of the
+  step (torch.utils.flop_counter: every matmul, bmm, einsum and attention kernel the step runs,
+  forward and backward, counted once from the shapes), the achieved GFLOP/s, and that as a
+  fraction of the matmul peak; peak bytes of live tensors during a step (bench/_memory.py).
+- eval: one no-gradient solve of a test batch at the recipe's first test difficulty, with the
+  training budget: f evaluations per second and GFLOP/s.
+- peak: a 1024 x 1024 float32 matmul timed in the same run (the best of several), the
+  ceiling the achieved rates are divided by.
+
+Timings mean something only on an otherwise idle machine: the load average is printed at the
+start and end. Every batch comes from a seeded numpy Generator; the global RNG is untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# The repo root first: bench/solvers.py would otherwise shadow the solvers package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from bench._memory import peak_alloc_bytes  # noqa: E402
+
+
+def matmul_peak(n: int = 1024, repeats: int = 7) -> float:
+    """FLOP/s of the best of `repeats` n x n float32 matmuls on the current threads."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    out = torch.empty(n, n)
+    torch.mm(a, b, out=out)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.mm(a, b, out=out)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best
+
+
+def count_flops(fn) -> int:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def recipe_parts(task_name: str, preset: str | None, seed: int = 0):
+    """The model, training objective, optimizer and configs of a task's recipe, as train() builds them."""
+    from deqloop.model import build_model, task_configs
+    from deqloop.objective import TrainingObjective
+    from deqloop.train import TrainConfig, build_optimizer
+    from tasks import get_task
+
+    task = get_task(task_name)
+    model_cfg, solve_cfg = task_configs(task, preset=preset)
+    cfg = TrainConfig(task=task_name, seed=seed, out_dir=os.devnull, **task.recipe(preset)["train"])
+    model = build_model(model_cfg, seed)
+    objective = TrainingObjective(model, task, solve_cfg, jac_reg=cfg.jac_reg, jac_samples=cfg.jac_reg_samples,
+                                  rho_reg=cfg.rho_reg, rho_target=cfg.rho_target)
+    return task, model, objective, build_optimizer(model, cfg), cfg, solve_cfg
+
+
+def _local_unfold(self, h):
+    """The local attention before 2026-12-01 (unfolded (B, H, T, E, W) key / value windows), kept
+    here only to measure the change side by side (--variants unfold)."""
+    import math
+
+    from einops import rearrange
+
+    b, t, d = h.shape
+    w = self.left + self.right + 1
+    edge = self.boundary.expand(b, 1, d)
+    h_pad = torch.cat([edge.expand(b, self.left, d), h, edge.expand(b, self.right, d)], dim=1)
+    q, k, v = rearrange(self.qkv(h_pad), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
+    q = q[:, :, self.left: self.left + t]
+    scores = torch.einsum("bhte,bhtew->bhtw", q, k.unfold(2, w, 1)) / math.sqrt(q.shape[-1])
+    return torch.einsum("bhtw,bhtew->bhte", (scores + self.rel_bias[:, None, :]).softmax(-1), v.unfold(2, w, 1))
+
+
+def measure_recipe(task_name: str, preset: str | None, steps: int, peak: float, variant: str = "eager",
+                   flops: int | None = None) -> dict:
+    """One recipe in one variant: eager (the code as it is), compile (train --compile), unfold
+    (eager with the old local attention). `flops`: the count to use (the compiled step is not
+    counted again: the same arithmetic)."""
+    from deqloop import model as model_module
+    from deqloop.train import train_step
+
+    if variant == "unfold" and get_window(task_name, preset) is None:
+        return {}
+    saved = model_module.Attention._local
+    if variant == "unfold":
+        model_module.Attention._local = _local_unfold
+    try:
+        return _measure(task_name, preset, steps, peak, variant, flops, train_step)
+    finally:
+        model_module.Attention._local = saved
+
+
+def get_window(task_name: str, preset: str | None):
+    from deqloop.model import task_configs
+    from tasks import get_task
+
+    return task_configs(get_task(task_name), preset=preset)[0].window
+
+
+def _measure(task_name, preset, steps, peak, variant, flops, train_step) -> dict:
+    task, model, objective, optimizer, cfg, solve_cfg = recipe_parts(task_name, preset)
+    params = [p for p in model.parameters() if p.requires_grad]
+    rng = np.random.default_rng(0)
+    difficulties = cfg.train_difficulties or task.train_difficulties
+    batches = [task.sample(cfg.batch_size, difficulties, rng) for _ in range(steps + 3)]
+
+    def step(i: int):
+        generator = torch.Generator().manual_seed(i)
+        return train_step(objective, optimizer, params, batches[i], generator, cfg.lr, cfg.grad_clip)
+
+    model.train()
+    if variant == "compile":
+        model.compile_block()
+    t0 = time.perf_counter()
+    step(0)  # warm-up: first-call costs (allocator, kernels; the compilation with --variants compile)
+    warmup_s = time.perf_counter() - t0
+    if flops is None:
+        flops = count_flops(lambda: step(1))
+    else:
+        step(1)
+    peak_bytes = peak_alloc_bytes(lambda: step(2)) if variant != "compile" else float("nan")
+    times = []
+    for i in range(3, 3 + steps):
+        t0 = time.perf_counter()
+        step(i)
+        times.append(time.perf_counter() - t0)
+    train_s = statistics.median(times)
+
+    model.eval()
+    test_d = (cfg.test_difficulties or task.test_difficulties)[0]
+    test = task.generate(cfg.eval_size if cfg.eval_size > 1 else 32, test_d, np.random.default_rng(1), split="test")
+    with torch.no_grad():
+        model(test.inputs, solve_cfg)  # warm-up
+        eval_flops = count_flops(lambda: model(test.inputs, solve_cfg))
+        eval_times, evals = [], 0
+        for _ in range(max(steps, 3)):
+            t0 = time.perf_counter()
+            _, result = model(test.inputs, solve_cfg)
+            eval_times.append(time.perf_counter() - t0)
+            evals = int(result.n_f_evals)
+    eval_s = statistics.median(eval_times)
+    return {"task": task_name, "preset": preset or "default", "variant": variant, "warmup_s": warmup_s,
+            "batch": cfg.batch_size,
+            "max_iter": solve_cfg.max_iter, "backward": solve_cfg.backward,
+            "train_step_s": train_s, "train_step_s_all": times, "train_flops": flops,
+            "train_gflops": flops / train_s / 1e9, "train_fraction_of_peak": flops / train_s / peak,
+            "train_peak_alloc_mib": peak_bytes / 2 ** 20,
+            "eval_difficulty": test_d, "eval_batch": int(test.inputs.shape[0]), "eval_f_evals": evals,
+            "eval_s": eval_s, "eval_f_evals_per_s": evals / eval_s, "eval_gflops": eval_flops / eval_s / 1e9,
+            "eval_fraction_of_peak": eval_flops / eval_s / peak}
+
+
+def print_row(r: dict) -> None:
+    compiled = f" (first step {r['warmup_s']:.0f} s)" if r["variant"] == "compile" else ""
+    print(f"{r['task']:>11} {r['preset']:<7} {r['variant']:<7} train {r['train_step_s'] * 1e3:7.1f} ms/step "
+          f"{r['train_flops'] / 1e9:6.2f} GFLOP {r['train_gflops']:6.1f} GFLOP/s {r['train_fraction_of_peak']:.2f} "
+          f"of peak {r['train_peak_alloc_mib']:5.0f} MiB{compiled} | eval d={r['eval_difficulty']} "
+          f"B={r['eval_batch']} {r['eval_f_evals_per_s']:6.1f} f/s {r['eval_gflops']:5.1f} GFLOP/s "
+          f"({r['eval_fraction_of_peak']:.2f})", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tasks", default="prefix_sums,sudoku,chess", help="comma-separated (default: %(default)s)")
+    p.add_argument("--presets", default="default", help="comma-separated; 'default' is the task's own recipe")
+    p.add_argument("--variants", default="eager",
+                   help="comma-separated: eager, compile (train --compile), unfold (the old local attention)")
+    p.add_argument("--steps", type=int, default=5, help="timed training steps per recipe (default: %(default)s)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--json", default=None, metavar="PATH", help="also write every number here")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from tasks import get_task
+
+    print(f"# bench/throughput.py, {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} at start", flush=True)
+    peak = matmul_peak()
+    print(f"matmul peak (1024^2 float32): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    rows = []
+    for name in args.tasks.split(","):
+        for preset in args.presets.split(","):
+            preset = None if preset == "default" else preset
+            if preset is not None and preset not in get_task(name).presets:
+                continue
+            eager_flops = None
+            for variant in args.variants.split(","):
+                r = measure_recipe(name, preset, args.steps, peak, variant, eager_flops)
+                if not r:
+                    continue
+                if variant == "eager":
+                    eager_flops = r["train_flops"]
+                rows.append(r)
+                print_row(r)
+    end_peak = matmul_peak()
+    print(f"matmul peak at the end: {end_peak / 1e9:.1f} GFLOP/s; load average {os.getloadavg()[0]:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"peak_flops": peak, "end_peak_flops": end_peak,
+                                               "threads": torch.get_num_threads(), "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
