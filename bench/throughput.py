@@ -59,7 +59,7 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def recipe_parts(task_name: str, preset: str | None, seed: int = 0):
+def recipe_parts(task_name: str, preset: str | None, seed: int = 0, model_over: dict | None = None):
     """The model, training objective, optimizer and configs of a task's recipe, as train() builds them."""
     from deqloop.model import build_model, task_configs
     from deqloop.objective import TrainingObjective
@@ -67,7 +67,7 @@ def recipe_parts(task_name: str, preset: str | None, seed: int = 0):
     from tasks import get_task
 
     task = get_task(task_name)
-    model_cfg, solve_cfg = task_configs(task, preset=preset)
+    model_cfg, solve_cfg = task_configs(task, model_over, preset=preset)
     cfg = TrainConfig(task=task_name, seed=seed, out_dir=os.devnull, **task.recipe(preset)["train"])
     model = build_model(model_cfg, seed)
     objective = TrainingObjective(model, task, solve_cfg, jac_reg=cfg.jac_reg, jac_samples=cfg.jac_reg_samples,
@@ -94,9 +94,9 @@ def _local_unfold(self, h):
 
 def measure_recipe(task_name: str, preset: str | None, steps: int, peak: float, variant: str = "eager",
                    flops: int | None = None) -> dict:
-    """One recipe in one variant: eager (the code as it is), compile (train --compile), unfold
-    (eager with the old local attention). `flops`: the count to use (the compiled step is not
-    counted again: the same arithmetic)."""
+    """One recipe in one variant: eager (the code as it is), compile (train --compile), bf16
+    (--autocast bf16), unfold (eager with the old local attention). `flops`: the count to use
+    (the eager step's: the other variants do the same arithmetic)."""
     from deqloop import model as model_module
     from deqloop.train import train_step
 
@@ -119,7 +119,8 @@ def get_window(task_name: str, preset: str | None):
 
 
 def _measure(task_name, preset, steps, peak, variant, flops, train_step) -> dict:
-    task, model, objective, optimizer, cfg, solve_cfg = recipe_parts(task_name, preset)
+    task, model, objective, optimizer, cfg, solve_cfg = recipe_parts(
+        task_name, preset, model_over={"autocast": "bf16"} if variant == "bf16" else None)
     params = [p for p in model.parameters() if p.requires_grad]
     rng = np.random.default_rng(0)
     difficulties = cfg.train_difficulties or task.train_difficulties
@@ -185,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default="prefix_sums,sudoku,chess", help="comma-separated (default: %(default)s)")
     p.add_argument("--presets", default="default", help="comma-separated; 'default' is the task's own recipe")
     p.add_argument("--variants", default="eager",
-                   help="comma-separated: eager, compile (train --compile), unfold (the old local attention)")
+                   help="comma-separated: eager, compile (train --compile), bf16 (--autocast bf16), unfold (the old "
+                        "local attention)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per recipe (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number here")

@@ -123,6 +123,8 @@ class ModelConfig:
     relations: str | None = None  # board-structured attention: a key of RELATIONS (needs window=None)
     cell_norm: str | None = None  # spectral | weight: normalize the loop block's linear layers (solvers.normalize)
     dropout: float = 0.0  # variational dropout on the block's two residual branches: one mask per solve
+    autocast: str | None = None  # bf16: the block's matmuls in bfloat16 (torch.autocast); its output, the
+    #                              solver's residuals, tolerances and Anderson's least squares stay float32
 
     def __post_init__(self):
         check_field_types(self)
@@ -136,6 +138,8 @@ class ModelConfig:
             raise ConfigError(f"window must be >= 1 or None, got {self.window}")
         if self.cell_norm not in CELL_NORMS:
             raise ConfigError(f"cell_norm must be one of {', '.join(map(str, CELL_NORMS))}; got {self.cell_norm!r}")
+        if self.autocast not in (None, "bf16"):
+            raise ConfigError(f"autocast must be bf16 or None; got {self.autocast!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.relations is not None:
@@ -335,8 +339,9 @@ class LoopedTransformer(nn.Module):
         self.__dict__["compiled_block"] = None  # torch.compile of the block, used in training mode only
 
     def compile_block(self, enable: bool = True) -> None:
-        """Run the block through torch.compile in training mode (eval stays eager: its sub-batch
-        shapes would recompile); enable=False goes back to eager. Not a submodule: the state dict
+        """Run the block through torch.compile in training mode where gradients are on (eval and
+        no-gradient iterations stay eager: their sub-batch shapes and grad mode would recompile);
+        enable=False goes back to eager. Not a submodule: the state dict
         and checkpoints are the same either way."""
         self.__dict__["compiled_block"] = torch.compile(self.block) if enable else None
 
@@ -350,8 +355,12 @@ class LoopedTransformer(nn.Module):
 
     def f(self, z: Tensor, x: Tensor, rows: Tensor | None = None) -> Tensor:
         """One iteration of the loop: z_{k+1} = f(z_k, x) (rows: the samples of a sub-batch)."""
-        block = self.compiled_block if self.training and self.compiled_block is not None else self.block
-        return block(z, x, rows)
+        compiled = self.compiled_block is not None and self.training and torch.is_grad_enabled()
+        block = self.compiled_block if compiled else self.block  # no-grad iterations: eager, no recompiles
+        if self.cfg.autocast is None:
+            return block(z, x, rows)
+        with torch.autocast(z.device.type, dtype=torch.bfloat16):
+            return block(z, x, rows).to(z.dtype)
 
     def z_init(self, x: Tensor) -> Tensor:
         if self.cfg.z0 == "zeros":
@@ -392,7 +401,9 @@ class LoopedTransformer(nn.Module):
         (training with dropout only).
         """
         self.block.start_solve(generator)
-        options = solve.forward_options(max_iter, tol)
+        # subbatch: f on the still-active samples only (the cell treats samples independently), so
+        # a batch whose samples converge at different times stops paying for the finished ones
+        options = {"subbatch": True, **solve.forward_options(max_iter, tol)}
         self.backward_result = None  # this solve's adjoint solve, recorded by loss.backward()
         grad = solve.gradient
         return fixed_point(

@@ -283,3 +283,22 @@ def test_random_detach_keeps_the_differentiated_segment():
     assert lengths <= set(range(4, 11)) and len(lengths) > 2  # prefixes of 0..6 drawn
     result = training_forward(model, tokens, solve).result  # no generator: the whole prefix, no global RNG
     assert int(result.n_steps[0]) - 1 == 10
+
+
+def test_bf16_autocast_block_is_close_to_float32_and_returns_float32():
+    """autocast=bf16 runs the block's matmuls in bfloat16; the state the solver sees stays float32,
+    within bfloat16's rounding of the float32 block (8 bits of mantissa: ~1e-2 after a few iterations)."""
+    plain, half = toy(), toy(autocast="bf16")
+    half.load_state_dict(plain.state_dict())
+    x = rand(4, 10, 16)
+    z_plain = z_half = x
+    for _ in range(4):
+        z_plain, z_half = plain.f(z_plain, x), half.f(z_half, x)
+        assert z_half.dtype == torch.float32
+    assert 0 < float((z_half - z_plain).abs().max()) < 0.1  # really another precision, and close to it
+    tokens = torch.randint(0, 3, (4, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits, result = half(tokens, SolveConfig(solver="anderson", max_iter=30, tol=1e-3))
+    assert result.abs_residual.dtype == torch.float32 and torch.isfinite(logits).all()
+    with pytest.raises(ConfigError, match="autocast"):
+        ModelConfig(**TOY, autocast="fp8")

@@ -65,6 +65,19 @@ def test_every_recall_and_norm_learns(tmp_path, recall, norm):
     assert all(map(lambda r: r["loss"] == r["loss"], rows(tmp_path)))  # no nan
 
 
+def test_bf16_autocast_learns(tmp_path):
+    """--autocast bf16 trains: the same 20 steps as above lower the loss over all 256 strings, by
+    about as much as in float32 (observed: 0.0267 against float32's 0.0265 for standard/outer)."""
+    solve = SolveConfig(backward="unroll", max_iter=8)
+    drops = []
+    for name, extra in (("fp32", {}), ("bf16", {"autocast": "bf16"})):
+        model_cfg = toy_model(**extra)
+        before = training_loss(build_model(model_cfg, seed=0), solve)
+        path = train(toy_train(tmp_path / name, steps=20, batch_size=64, warmup_steps=0), model_cfg, solve)
+        drops.append(before - training_loss(load_model(path)[0], solve))
+    assert drops[1] > 0.5 * drops[0] > 0.005, drops
+
+
 @pytest.mark.parametrize("backward", BACKWARDS)
 def test_every_backward_trains(tmp_path, backward):
     solve = SolveConfig(backward=backward, max_iter=10)
