@@ -8,9 +8,10 @@
 Per checkpoint, difficulty and solver, on the same fixed test set (deqloop.evaluate.test_set) and
 the same weights: exact-match accuracy of the returned z, fraction of samples whose relative
 residual ||f(z) - z|| / ||f(z)|| is below the checkpoint's tol (recomputed here, the same way
-for every solver), evaluations of f (rows passed over the batch size: for a whole-batch solve,
-until its last sample stops), mean evaluations per sample until each stops (ours only; torchdeq
-does not report them), and wall time. Every solver gets the same
+for every solver), evaluations of f (rows passed over the batch size: ours solve on the active
+sub-batch, as the model does, so this is the mean over samples of the evaluations until each
+stops; torchdeq's solve the whole batch until its last sample stops), mean evaluations per
+sample until each stops (ours only; torchdeq does not report them), and wall time. Every solver gets the same
 budget: the task's evaluation budget for that difficulty (deqloop.evaluate.eval_max_iter), or
 --max-iter. Time it with nothing else running.
 """
@@ -39,7 +40,10 @@ SOLVERS = [
     ("anderson unguarded", "ours", "anderson", {"safeguard": None}),
     ("anderson guarded, 2 restarts", "ours", "anderson", {"max_restarts": 2}),
     ("anderson per position", "ours", "anderson", {"block_size": "D", "safeguard": None}),
+    ("anderson warmup 16", "ours", "anderson", {"warmup": 16}),
+    ("anderson warmup 32", "ours", "anderson", {"warmup": 32}),
     ("broyden", "ours", "broyden", {}),
+    ("broyden warmup 32", "ours", "broyden", {"warmup": 32}),
     ("torchdeq fixed_point_iter", "torchdeq", "fixed_point_iter", {}),
     ("torchdeq anderson", "torchdeq", "anderson", {}),
     ("torchdeq broyden", "torchdeq", "broyden", {}),
@@ -65,7 +69,8 @@ def run_one(model, task, batch, lib, method, options, tol, max_iter) -> dict:
     t0 = time.perf_counter()
     steps = None  # per-sample evaluations: ours report them, torchdeq's do not
     if lib == "ours":
-        result = solvers.solve(f, z0, method=method, tol=tol, max_iter=max_iter, stop_mode="rel", **options)
+        result = solvers.solve(f, z0, method=method, tol=tol, max_iter=max_iter, stop_mode="rel", subbatch=True,
+                               **options)
         z, steps = result.z, float(result.n_steps.float().mean())
     else:
         z, _, _ = tdsolver.get_solver(method)(f, z0, max_iter=max_iter, tol=tol, stop_mode="rel", **options)

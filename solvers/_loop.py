@@ -58,6 +58,22 @@ class State:
 Step = Callable[[Tensor, Tensor, Tensor, State], Tensor]
 
 
+def after_plain_steps(step: Step, n: int) -> Step:
+    """`step` after n plain steps z <- f(z): its history starts at the n-th iterate (a solver that
+    accelerates from where plain iteration has already chosen its basin)."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise ValueError(f"warmup must be an integer >= 0, got {n!r}")
+    if n == 0:
+        return step
+
+    def warmed(z: Tensor, fz: Tensor, g: Tensor, state: State) -> Tensor:
+        if state.k < n:
+            return fz
+        return step(z, fz, g, State(rows=state.rows, k=state.k - n))  # the same rows: compacted by the loop
+
+    return warmed
+
+
 def bind_input(f: Callable[[Tensor, Tensor], Tensor], x: Tensor) -> Callable[..., Tensor]:
     """f(., x) as a solver calls it: z -> f(z, x), and with subbatch=True (z, idx) -> f(z, x[idx])
     on the active rows only."""

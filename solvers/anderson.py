@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from ._loop import LoopOptions, State, iterate
+from ._loop import LoopOptions, State, after_plain_steps, iterate
 from .result import SolverResult
 
 if TYPE_CHECKING:
@@ -20,7 +20,7 @@ if TYPE_CHECKING:
 
 def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 1.0, reg: float = 1e-8,
              block_size: int | None = None, safeguard: float | None = 1.0, max_restarts: int | None = 0,
-             **options: Unpack[LoopOptions]) -> SolverResult:
+             warmup: int = 0, **options: Unpack[LoopOptions]) -> SolverResult:
     """Solve z = f(z) by Anderson mixing of the last `m` iterates, per sample.
 
     With g_k = f(z_k) - z_k and the differences dZ, dG of the last m iterates and residuals,
@@ -39,6 +39,9 @@ def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 
         z + beta g from there (None: never reject). Costs the evaluation of the rejected point.
     max_restarts: with `safeguard`, a sample rejected more than this many times stops mixing
         and finishes by plain steps (None: restart without limit; 0: the first rejection).
+    warmup: take this many plain steps z <- f(z) first, then mix. On a trained loop with several
+        attractors (the shipped sudoku model) plain iteration picks the right one more often;
+        accelerating from there keeps it (docs/TRAINING.md, "Solvers on the trained loops").
 
     The defaults (safeguard 1, max_restarts 0) make Anderson fall back to plain iteration on a
     sample as soon as mixing makes its residual grow. Measured on the shipped prefix-sums loop
@@ -92,7 +95,7 @@ def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 
         rows.update(z=z, g=g, mixed=(gamma.view(n, nb * m) != 0).any(dim=1))
         return z + mix.view(n, d)
 
-    return iterate(f, z0, step, solver="anderson", **options)
+    return iterate(f, z0, after_plain_steps(step, warmup), solver="anderson", **options)
 
 
 def _mixing_coefficients(gram: Tensor, rhs: Tensor, reg: float) -> Tensor:

@@ -10,14 +10,15 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from ._loop import LoopOptions, State, iterate
+from ._loop import LoopOptions, State, after_plain_steps, iterate
 from .result import SolverResult
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
 
-def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, **options: Unpack[LoopOptions]) -> SolverResult:
+def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 0,
+            **options: Unpack[LoopOptions]) -> SolverResult:
     """Solve g(z) = f(z) - z = 0 with quasi-Newton steps z <- z - H g, per sample.
 
     H approximates the inverse Jacobian of g as -I + U V^T with at most `m` rank-one terms;
@@ -26,6 +27,7 @@ def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, **options: Unp
     max_iter.
     Update after a step s with residual change y: H += (s - H y) (s^T H) / (s^T H y); a
     sample whose denominator is negligible skips its update.
+    warmup: take this many plain steps z <- f(z) first (see anderson).
     `options`: tol, max_iter, stop_mode, subbatch, divergence_ratio (solvers.LoopOptions).
     """
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
@@ -52,7 +54,7 @@ def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, **options: Unp
         rows["step"] = g - _lowrank(u[:, :used + 1], v[:, :used + 1], g)  # -H g
         return z + rows["step"]
 
-    return iterate(f, z0, step, solver="broyden", **options)
+    return iterate(f, z0, after_plain_steps(step, warmup), solver="broyden", **options)
 
 
 def _lowrank(a: Tensor, b: Tensor, x: Tensor) -> Tensor:

@@ -346,3 +346,20 @@ def test_safeguarded_anderson_still_converges_where_plain_iteration_fails():
 def test_anderson_bad_variant_options(bad, words):
     with pytest.raises(ValueError, match=words):
         solve(lambda z: 0.5 * z, torch.zeros(2, 12, dtype=F64), method="anderson", **bad)
+
+
+@pytest.mark.parametrize("name", ACCELERATED)
+def test_warmup_takes_plain_steps_first(name):
+    """warmup=k: the first k iterates are plain iteration's (the same residual trace), then the
+    solver accelerates from there to the same fixed point, in fewer evaluations than plain."""
+    f, z_star = contractive_affine(lip=0.9)[:2]
+    z0 = torch.zeros(4, 6, dtype=F64)
+    plain = solve(f, z0, method="fixed_point_iter", tol=1e-10, max_iter=500)
+    warm = solve(f, z0, method=name, tol=1e-10, max_iter=500, warmup=5)
+    # iterates z_0 .. z_5 by the warmup, z_6 by the solver's own first (plain) step, z_7 mixed
+    torch.testing.assert_close(warm.trace[:, :7], plain.trace[:, :7], rtol=1e-12, atol=0)
+    assert not torch.allclose(warm.trace[:, 7], plain.trace[:, 7])  # mixing has started
+    assert warm.converged.all() and warm.n_f_evals < plain.n_f_evals
+    torch.testing.assert_close(warm.z, z_star, rtol=0, atol=1e-8)
+    with pytest.raises(ValueError, match="warmup"):
+        solve(f, z0, method=name, warmup=-1)
