@@ -13,7 +13,6 @@ plots: deqloop.diagnose_report.
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -28,6 +27,7 @@ from deqloop import diagnostics as dx
 from deqloop.checkpoint import load_checkpoint, load_run
 from deqloop.errors import ConfigError
 from deqloop.evaluate import eval_max_iter, test_set
+from deqloop.model import build_model
 from deqloop.diagnose_report import (POSITION_TOLS, THRESHOLDS, DiagnoseReport, DifficultyRow, GeometryRow,
                                      InputDependenceRow, ReachabilityRow, outlook, plot, print_table, verdicts)
 
@@ -79,7 +79,7 @@ def diagnose_checkpoint(path: str | Path | dict, *, difficulties=None, settings:
     model, task, model_cfg, solve = load_run(ckpt, device, solver=solver, solver_options=solver_options)
     difficulties = list(difficulties or ckpt["train_config"].get("test_difficulties") or task.test_difficulties)
     # float64 copy for the linearization: in float32, IFT and finite differences disagree by ~3e-2.
-    model64 = copy.deepcopy(model).double()
+    model64 = _float64_copy(model)
     for p in [*model.parameters(), *model64.parameters()]:
         p.requires_grad_(False)
     s = settings
@@ -275,3 +275,12 @@ def _max_all(t: Tensor) -> float:
 def _list(t: Tensor) -> list:
     t = t.detach().cpu()
     return t.tolist() if t.dtype == torch.bool or not t.is_floating_point() else t.double().tolist()
+
+
+def _float64_copy(model):
+    """A float64 copy built from the config and state dict (a deepcopy would fail on the
+    derived weights of a normalized cell, which are not graph leaves); build_model leaves the
+    global RNG alone, and the loaded state replaces what it drew."""
+    copy64 = build_model(model.cfg, seed=0)
+    copy64.load_state_dict(model.state_dict())
+    return copy64.to(next(model.parameters()).device).double().train(model.training)

@@ -292,3 +292,16 @@ def test_rho_reg_adds_the_pull_at_the_fixed_point():
     assert float(scored.rho_penalty.detach()) > 0
     torch.testing.assert_close(loss, plain + 2.0 * scored.rho_penalty)
     torch.testing.assert_close(scored.rho_penalty, expect, rtol=1e-4, atol=1e-6)
+
+
+def test_diagnose_copies_a_normalized_model_in_float64():
+    """diagnose's float64 copy works on a spectral-normalized cell (a deepcopy failed on its
+    derived weights) and computes the same map, without touching the global RNG."""
+    from deqloop.diagnose import _float64_copy
+
+    model = build_model(ModelConfig(**TOY, cell_norm="spectral"), seed=0).eval()
+    state = torch.random.get_rng_state()
+    copy64 = _float64_copy(model)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    x = torch.randn(2, 5, 16, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(copy64.f(x.double(), x.double()).float(), model.f(x, x), rtol=1e-5, atol=1e-6)
