@@ -372,7 +372,12 @@ class LoopedTransformer(nn.Module):
 
     def cell(self, x: Tensor):
         """f(., x) as a solver sees it: (B, T, d) -> (B, T, d), or on a sub-batch `idx`."""
-        return lambda z, idx=None: self.f(z, x if idx is None else x[idx], idx)
+        def f(z: Tensor, idx: Tensor | None = None) -> Tensor:
+            if idx is not None and idx.numel() == x.shape[0]:
+                idx = None  # every sample active (the loop's rows stay in order): no gather of x
+            return self.f(z, x if idx is None else x[idx], idx)
+
+        return f
 
     def head_logits(self, z: Tensor) -> Tensor:  # (B, T, d) -> (B, T, n_classes)
         return self.head(self.ln_head(z))

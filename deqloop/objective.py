@@ -20,7 +20,7 @@ one, the random prefix is the whole prefix, and the progressive loss refuses to 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -47,9 +47,8 @@ class Scored:
         """The same record without autograd history: what a step reads after its loss. (DDP walks a
         forward's outputs to find the parameters in use; the embedded input x would otherwise
         count as use of the embedding, also where no gradient reaches it.)"""
-        cut = lambda t: t.detach() if isinstance(t, Tensor) else t
-        return Scored(cut(self.logits), self.result, cut(self.x), cut(self.along), cut(self.progressive),
-                      cut(self.jacobian), cut(self.rho_penalty))
+        return replace(self, **{f.name: getattr(self, f.name).detach() for f in fields(self)
+                                if isinstance(getattr(self, f.name), Tensor)})
 
 
 def training_forward(model: LoopedTransformer, tokens: Tensor, solve: SolveConfig,
@@ -98,16 +97,12 @@ def progressive_logits(model: LoopedTransformer, x: Tensor, z0: Tensor, max_iter
 def training_loss(task: Task, scored: Scored, targets: Tensor, solve: SolveConfig) -> Tensor:
     """The task's loss at the last iterate, averaged with the iterates along the loop, or mixed
     with the progressive term."""
-    loss = task.loss(scored.logits, targets)
     if scored.progressive is not None:
         prog = task.loss(scored.progressive, targets)
-        return (1 - solve.progressive_alpha) * loss + solve.progressive_alpha * prog
+        return (1 - solve.progressive_alpha) * task.loss(scored.logits, targets) + solve.progressive_alpha * prog
     if scored.along is None:
-        return loss
-    if solve.loss_gamma is None:
-        along = [task.loss(step_logits, targets) for step_logits in scored.along]
-        return (loss + sum(along)) / (1 + len(along))
-    states = [*scored.along, scored.logits]  # fixed-point correction, the weights normalized to sum 1
+        return task.loss(scored.logits, targets)
+    states = [*scored.along, scored.logits]  # fixed-point correction's weights (all 1: loss_gamma None), sum 1
     weights = fp_weights(len(states), solve.loss_gamma)
     return fp_correction(lambda logits: task.loss(logits, targets), states, gamma=solve.loss_gamma) / sum(weights)
 

@@ -136,22 +136,25 @@ def train_step(objective: nn.Module, optimizer: torch.optim.Optimizer, params: l
 
 def step_statistics(task: Task, batch: Batch, loss: Tensor, scored: Scored, stopping: bool,
                     procs: Processes) -> dict:
-    """The step's loss, batch accuracy, solver steps, converged fraction (means over processes),
-    worst residual and stop request (max over processes), with one host sync."""
+    """The step's loss, batch accuracy, solver steps, converged fraction and regularizer terms
+    (jac_frobenius, rho_penalty; means over processes), worst residual and stop request (max
+    over processes), with one host sync."""
+    terms = {name: t for name, t in (("jac_frobenius", scored.jacobian), ("rho_penalty", scored.rho_penalty))
+             if t is not None}
     with torch.no_grad():
         acc = task.exact_match(task.predict(scored.logits, batch.inputs), batch).float().mean()
         result = scored.result
         residual = torch.nan_to_num(result.residual.max().float(), nan=math.inf)
         mean = torch.stack([loss.detach().float(), acc, result.n_steps.float().mean(),
-                            result.converged.float().mean()])
+                            result.converged.float().mean(), *(t.detach().float() for t in terms.values())])
         worst = torch.stack([residual, torch.tensor(float(stopping), device=residual.device)])
     if procs.distributed:
         dist.all_reduce(mean)
         mean /= procs.world_size
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-    loss_v, acc_v, steps_v, conv_v, residual_v, stop_v = torch.cat([mean, worst]).tolist()  # the one sync
+    loss_v, acc_v, steps_v, conv_v, *term_v, residual_v, stop_v = torch.cat([mean, worst]).tolist()  # the one sync
     return {"loss": loss_v, "acc": acc_v, "solver_steps": steps_v, "converged": conv_v,
-            "max_residual": residual_v, "stop": stop_v > 0}
+            "max_residual": residual_v, "stop": stop_v > 0, **dict(zip(terms, term_v))}
 
 
 def jacobian_at_fixed_point(model: LoopedTransformer, batch: Batch, scored: Scored, seed: int) -> dict:
@@ -249,10 +252,6 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
             stats = step_statistics(task, batch, loss, scored, bool(stop_signal), procs)
             if cfg.jac_log_every and (step + 1) % cfg.jac_log_every == 0 and procs.master:
                 stats.update(jacobian_at_fixed_point(model, batch, scored, stream_seed(cfg.seed, step, JACOBIAN_STREAM)))
-            elif scored.jacobian is not None:
-                stats["jac_frobenius"] = float(scored.jacobian.detach())
-            if scored.rho_penalty is not None:
-                stats["rho_penalty"] = float(scored.rho_penalty.detach())
             run.finish_step(stats, grad_norm, lr, model.backward_result)
             if stats["stop"]:
                 signum = stop_signal[0] if stop_signal else signal.SIGTERM
