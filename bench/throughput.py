@@ -59,8 +59,10 @@ def count_flops(fn) -> int:
     return int(counter.get_total_flops())
 
 
-def recipe_parts(task_name: str, preset: str | None, seed: int = 0, model_over: dict | None = None):
-    """The model, training objective, optimizer and configs of a task's recipe, as train() builds them."""
+def recipe_parts(task_name: str, preset: str | None, seed: int = 0, model_over: dict | None = None,
+                 train_over: dict | None = None):
+    """The model, training objective, optimizer and configs of a task's recipe, as train() builds them
+    (`model_over` / `train_over`: fields over the recipe's ModelConfig / TrainConfig)."""
     from deqloop.model import build_model, task_configs
     from deqloop.objective import TrainingObjective
     from deqloop.train import TrainConfig, build_optimizer
@@ -68,7 +70,7 @@ def recipe_parts(task_name: str, preset: str | None, seed: int = 0, model_over: 
 
     task = get_task(task_name)
     model_cfg, solve_cfg = task_configs(task, model_over, preset=preset)
-    cfg = TrainConfig(task=task_name, seed=seed, out_dir=os.devnull, **task.recipe(preset)["train"])
+    cfg = TrainConfig(task=task_name, seed=seed, out_dir=os.devnull, **{**task.recipe(preset)["train"], **(train_over or {})})
     model = build_model(model_cfg, seed)
     objective = TrainingObjective(model, task, solve_cfg, jac_reg=cfg.jac_reg, jac_samples=cfg.jac_reg_samples,
                                   rho_reg=cfg.rho_reg, rho_target=cfg.rho_target)
@@ -95,8 +97,9 @@ def _local_unfold(self, h):
 def measure_recipe(task_name: str, preset: str | None, steps: int, peak: float, variant: str = "eager",
                    flops: int | None = None) -> dict:
     """One recipe in one variant: eager (the code as it is), compile (train --compile), bf16
-    (--autocast bf16), unfold (eager with the old local attention). `flops`: the count to use
-    (the eager step's: the other variants do the same arithmetic)."""
+    (--autocast bf16), unfold (eager with the old local attention), jac (--jac-reg, one vector),
+    rho (--rho-reg). `flops`: the count to use (the eager step's: the other variants do the same
+    arithmetic; for jac and rho, the eager step's, so their fraction of peak reads as a slowdown)."""
     from deqloop import model as model_module
     from deqloop.train import train_step
 
@@ -118,9 +121,14 @@ def get_window(task_name: str, preset: str | None):
     return task_configs(get_task(task_name), preset=preset)[0].window
 
 
+# the stabilizer variants: the step with the regularizer's term (one Hutchinson vector for jac)
+TRAIN_VARIANTS = {"jac": {"jac_reg": 1.0, "jac_reg_samples": 1}, "rho": {"rho_reg": 1.0, "rho_target": 0.9}}
+
+
 def _measure(task_name, preset, steps, peak, variant, flops, train_step) -> dict:
     task, model, objective, optimizer, cfg, solve_cfg = recipe_parts(
-        task_name, preset, model_over={"autocast": "bf16"} if variant == "bf16" else None)
+        task_name, preset, model_over={"autocast": "bf16"} if variant == "bf16" else None,
+        train_over=TRAIN_VARIANTS.get(variant))
     params = [p for p in model.parameters() if p.requires_grad]
     rng = np.random.default_rng(0)
     difficulties = cfg.train_difficulties or task.train_difficulties
@@ -187,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="default", help="comma-separated; 'default' is the task's own recipe")
     p.add_argument("--variants", default="eager",
                    help="comma-separated: eager, compile (train --compile), bf16 (--autocast bf16), unfold (the old "
-                        "local attention)")
+                        "local attention), jac (--jac-reg 1, one vector), rho (--rho-reg 1)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per recipe (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number here")

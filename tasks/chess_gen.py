@@ -14,31 +14,47 @@ depth 3: positions that look like play; `--prefilter` lets a Stockfish search ch
 positions to prove, see `puzzles_from_game`). Stockfish is a system package (Debian/Ubuntu:
 `apt-get install stockfish`); only the engine source and `--prefilter` need it.
 
-The shipped dataset, tasks/data/chess/puzzles.npz (1.7 MB, package data), is exactly what these
+The shipped dataset, tasks/data/chess/puzzles.npz (3.6 MB, package data), is exactly what these
 commands write (`--workers 2` spreads the games over two processes, same output; progress goes
-to stderr):
+to stderr). The first four made the set of 2026-12-01; the next three extend the same seeds
+with later games (`--first-game`: games first_game .. N-1, so no game is played twice and game
+numbers stay unique per source), and the last merge adds them:
 
     python -m tasks.chess_gen --seed 0 --train-games 40000 --test-games 0 --out greedy_train.npz
     python -m tasks.chess_gen --seed 0 --prefilter --train-games 0 --test-games 1500 --out greedy_test.npz
     python -m tasks.chess_gen --seed 1 --policy engine --prefilter --train-games 7000 --test-games 2000 \
         --out engine.npz
-    python -m tasks.chess_gen merge --out tasks/data/chess/puzzles.npz greedy_train.npz greedy_test.npz engine.npz
+    python -m tasks.chess_gen merge --out puzzles_v1.npz greedy_train.npz greedy_test.npz engine.npz
+    python -m tasks.chess_gen --seed 0 --first-game 40000 --train-games 90000 --test-games 0 --out greedy_train2.npz
+    python -m tasks.chess_gen --seed 0 --prefilter --first-game 1500 --train-games 0 --test-games 2500 \
+        --out greedy_test2.npz
+    python -m tasks.chess_gen --seed 1 --policy engine --prefilter --first-game 7000 --train-games 14000 \
+        --test-games 0 --out engine2.npz
+    python -m tasks.chess_gen merge --out tasks/data/chess/puzzles.npz puzzles_v1.npz greedy_train2.npz \
+        greedy_test2.npz engine2.npz
 
-Measured on the 2-core machine (2026-12-01; CPU seconds of the generator and its Stockfish,
-which are not wall seconds: several jobs shared the cores), verified puzzles per CPU-minute:
+Measured on the 2-core machine (CPU seconds of the generator and its Stockfish, which are not
+wall seconds; 2026-12-01: several jobs shared the cores; 2026-12-02: two workers, alone),
+verified puzzles per CPU-minute:
 
-    source, split (max N)      games   CPU s   mate in 1   mate in 2   mate in 3
-    greedy, train (2)          40000    2831       604         522          -
-    greedy + prefilter, test (3) 1500    358       181         122         56
-    engine + prefilter, train (2) 7000   858       344         220          -
-    engine + prefilter, test (3)  2000   873        97          69         37
+    source, split (max N), games        games   CPU s   mate in 1   mate in 2   mate in 3
+    greedy, train (2), 0-39999          40000    2831       604         522          -
+    greedy + prefilter, test (3), 0-1499 1500     358       181         122         56
+    engine + prefilter, train (2), 0-6999 7000    858       344         220          -
+    engine + prefilter, test (3), 0-1999 2000     873        97          69         37
+    greedy, train (2), 40000-89999      50000    3558       598         522          -
+    greedy + prefilter, test (3), 1500-2499 1000  242       167         126         56
+    engine + prefilter, train (2), 7000-13999 7000 802      367         238          -
 
+(The 50,000 greedy games took 32 min of wall time on two workers; all three extensions 41 min.)
 After `merge` (a position once per split; a train position that is also a test position is
-dropped): train 33,392 mate-in-1 and 27,762 mate-in-2 puzzles (of them 4,912 and 3,148 from engine
-games); test 2,483 / 1,737 / 866 of mate in 1 / 2 / 3 (1,406 / 1,009 / 533 from engine games).
-`bench/chess_dataset.py` prints the piece-count and material spread of each part: greedy puzzles
-have the mover about 28 points of material ahead, engine ones about 10, human ones (split
-"human" of tasks.chess) 3 behind. Each npz's `meta` records its commands and settings.
+dropped): train 73,680 mate-in-1 and 61,859 mate-in-2 puzzles (of them 9,820 and 6,328 from engine
+games); test 3,156 / 2,247 / 1,092 of mate in 1 / 2 / 3 (1,406 / 1,009 / 533 from engine games).
+Every puzzle is from its own game (at most one per game, N and source). `bench/chess_dataset.py`
+prints the piece-count and material spread of each part: greedy puzzles have the mover about 28
+points of material ahead (p10-p90 +16 to +38), engine ones about 10 (+0 to +19), human ones
+(split "human" of tasks.chess) 3 behind (-7 to 0); pieces on the board 14-16 on average in
+generated puzzles, 18-20 in human ones. Each npz's `meta` records its commands and settings.
 
 Game g of split s is played from np.random.default_rng([seed, s, g]) (s = 0 train, 1 test), so the
 output does not depend on interruptions or on the number of workers. Each finished game is
@@ -188,10 +204,14 @@ class GenConfig:
     policy: str = "greedy"
     max_nodes: int = DEFAULT_MAX_NODES
     prefilter: bool = False  # Stockfish picks the positions to prove (puzzles_from_game)
+    first_game: int = 0  # games first_game .. train_games-1 (test_games-1): extends an earlier run of the seed
     version: int = FORMAT_VERSION
 
     def games(self, split: str) -> int:
         return self.train_games if split == "train" else self.test_games
+
+    def game_ids(self, split: str) -> range:
+        return range(min(self.first_game, self.games(split)), self.games(split))
 
     def max_n(self, split: str) -> int:
         return self.train_max_n if split == "train" else self.test_max_n
@@ -302,7 +322,8 @@ def merge(parts: list[dict[str, np.ndarray]], commands: list[str]) -> dict[str, 
 
     Ordered by (split, game, source, n), so the first puzzles of a test pool mix the sources.
     Games of different sources are different games (`source` tells them apart; a part without
-    it is from before the engine source: greedy). `meta` keeps each part's meta and the command.
+    it is from before the engine source: greedy). `meta` keeps each generator run's meta (those
+    of a part that is itself a merge, flat), the command, and the earlier merges' commands.
     """
     rows = []
     for part in parts:
@@ -311,8 +332,13 @@ def merge(parts: list[dict[str, np.ndarray]], commands: list[str]) -> dict[str, 
             row = {k: part[k][i].item() for k in DTYPES if k != "source"}
             rows.append({**row, "fen": row["fen"].decode(), "key": row["key"].decode(),
                          "source": sources[i].decode()})
-    meta = {"parts": [json.loads(str(part["meta"])) for part in parts],
-            "command": "python -m tasks.chess_gen merge " + " ".join(commands)}
+    metas, merges = [], []
+    for part in parts:  # a part that is itself a merge contributes its parts, flat, in order
+        meta = json.loads(str(part["meta"]))
+        metas.extend(meta["parts"] if "parts" in meta else [meta])
+        merges.extend(meta.get("merges", [meta["command"]] if "parts" in meta else []))
+    meta = {"parts": metas, "command": "python -m tasks.chess_gen merge " + " ".join(commands),
+            **({"merges": merges} if merges else {})}
     return {**_split_rules(rows), "meta": np.array(json.dumps(meta, sort_keys=True))}
 
 
@@ -326,7 +352,7 @@ def generate(cfg: GenConfig, out: Path, log: Path, *, workers: int = 1, progress
     """Play and search the games the log lacks, appending each to it; then write `out`. Returns counts."""
     records = read_log(log, cfg)
     done = {(r["split"], r["game"]) for r in records}
-    todo = [(cfg, split, g) for split in SPLITS for g in range(cfg.games(split)) if (split, g) not in done]
+    todo = [(cfg, split, g) for split in SPLITS for g in cfg.game_ids(split) if (split, g) not in done]
     if not log.exists() or not log.read_text().strip():
         log.parent.mkdir(parents=True, exist_ok=True)
         log.write_text(json.dumps({"config": asdict(cfg)}) + "\n")
@@ -348,7 +374,7 @@ def generate(cfg: GenConfig, out: Path, log: Path, *, workers: int = 1, progress
     finally:
         if pool:
             pool.terminate()
-    arrays = pack([r for r in records if r["game"] < cfg.games(r["split"])], cfg)  # a log may hold more
+    arrays = pack([r for r in records if r["game"] in cfg.game_ids(r["split"])], cfg)  # a log may hold more
     write_npz(out, arrays)
     return {"games": len(records), "cpu_s": sum(r["cpu_s"] for r in records), "found": counts,
             "kept": {split: {int(n): int(((arrays["split"] == s) & (arrays["n"] == n)).sum())

@@ -147,8 +147,8 @@ def test_shipped_dataset_sizes_and_splits():
     data = shipped()
     split, n, game = data["split"], data["n"], data["game"]
     counts = {(s, k): int(((split == s) & (n == k)).sum()) for s in (0, 1) for k in (1, 2, 3)}
-    assert counts[0, 1] >= 30000 and counts[0, 2] >= 25000
-    assert min(counts[1, 1], counts[1, 2]) >= 1500 and counts[1, 3] >= 800
+    assert counts[0, 1] >= 60000 and counts[0, 2] >= 60000  # the issue's sizes
+    assert min(counts[1, 1], counts[1, 2], counts[1, 3]) >= 1000
     for s, k in ((0, 1), (0, 2), (1, 1), (1, 2), (1, 3)):  # both sources in every part
         assert {b"greedy", b"engine"} <= set(data["source"][(split == s) & (n == k)].tolist())
     source = data["source"]
@@ -159,8 +159,10 @@ def test_shipped_dataset_sizes_and_splits():
     assert not tokens[0] & tokens[1]  # games are split by construction; positions too
     assert list(TASK.puzzles("test", 3).fen) == [f.decode() for f in data["fen"][(split == 1) & (n == 3)]]
     meta = json.loads(str(data["meta"]))  # the regeneration commands are recorded
-    assert [part["config"]["policy"] for part in meta["parts"]] == ["greedy", "greedy", "engine"]
+    assert [part["config"]["policy"] for part in meta["parts"]] == ["greedy", "greedy", "engine"] * 2
     assert all("--seed=" in part["command"] for part in meta["parts"])
+    assert [part["config"]["first_game"] for part in meta["parts"][3:]] == [40000, 1500, 7000]
+    assert len(meta["merges"]) == 1 and meta["command"].startswith("python -m tasks.chess_gen merge")
 
 
 # ------------------------------------------------------------------------------------- encoding
@@ -334,6 +336,26 @@ def test_generator_resumes_to_the_same_dataset(tmp_path):
         assert set(a["game"][a["split"] == 0].tolist()) <= {0}
     with pytest.raises(gen.GeneratorError, match="seed=5, not 6"):
         gen.generate(replace(SMALL, seed=6), tmp_path / "x.npz", log, progress=False)
+
+
+def test_generator_extends_a_seed_with_first_game(tmp_path):
+    """games 0..2 then 2..3 (first_game 2), merged: the same puzzles as one run of games 0..3."""
+    cfg = replace(SMALL, test_games=0, train_games=4)
+    gen.generate(cfg, tmp_path / "all.npz", tmp_path / "all.log", progress=False)
+    gen.generate(replace(cfg, train_games=2), tmp_path / "a.npz", tmp_path / "a.log", progress=False)
+    gen.generate(replace(cfg, first_game=2), tmp_path / "b.npz", tmp_path / "b.log", progress=False)
+    with np.load(tmp_path / "b.npz") as b:
+        assert set(b["game"].tolist()) <= {2, 3}  # the first games are not played again
+    parts = []
+    for name in ("a", "b"):
+        with np.load(tmp_path / f"{name}.npz") as data:
+            parts.append({k: data[k] for k in data.files})
+    merged = gen.merge(parts, ["x"])
+    with np.load(tmp_path / "all.npz") as whole:
+        assert len(whole["fen"]) >= 2
+        assert all(np.array_equal(whole[k], merged[k]) for k in whole.files if k != "meta")
+    with pytest.raises(gen.GeneratorError, match="first_game=2, not 0"):  # a log of the other games
+        gen.generate(cfg, tmp_path / "x.npz", tmp_path / "b.log", progress=False)
 
 
 def test_generator_cli_and_cli_solve(tmp_path, capsys):
