@@ -70,7 +70,8 @@ def recipe_parts(task_name: str, preset: str | None, seed: int = 0, model_over: 
 
     task = get_task(task_name)
     model_cfg, solve_cfg = task_configs(task, model_over, preset=preset)
-    cfg = TrainConfig(task=task_name, seed=seed, out_dir=os.devnull, **{**task.recipe(preset)["train"], **(train_over or {})})
+    train_fields = {**task.recipe(preset)["train"], **(train_over or {})}
+    cfg = TrainConfig(task=task_name, seed=seed, out_dir=os.devnull, **train_fields)
     model = build_model(model_cfg, seed)
     objective = TrainingObjective(model, task, solve_cfg, jac_reg=cfg.jac_reg, jac_samples=cfg.jac_reg_samples,
                                   rho_reg=cfg.rho_reg, rho_target=cfg.rho_target)
@@ -121,14 +122,16 @@ def get_window(task_name: str, preset: str | None):
     return task_configs(get_task(task_name), preset=preset)[0].window
 
 
-# the stabilizer variants: the step with the regularizer's term (one Hutchinson vector for jac)
-TRAIN_VARIANTS = {"jac": {"jac_reg": 1.0, "jac_reg_samples": 1}, "rho": {"rho_reg": 1.0, "rho_target": 0.9}}
+# variants that change the recipe's configs: (ModelConfig fields, TrainConfig fields) over it;
+# jac and rho add the stabilizer's term to the step (one Hutchinson vector for jac)
+OVERRIDES = {"bf16": ({"autocast": "bf16"}, None), "jac": (None, {"jac_reg": 1.0, "jac_reg_samples": 1}),
+             "rho": (None, {"rho_reg": 1.0, "rho_target": 0.9})}
 
 
 def _measure(task_name, preset, steps, peak, variant, flops, train_step) -> dict:
-    task, model, objective, optimizer, cfg, solve_cfg = recipe_parts(
-        task_name, preset, model_over={"autocast": "bf16"} if variant == "bf16" else None,
-        train_over=TRAIN_VARIANTS.get(variant))
+    model_over, train_over = OVERRIDES.get(variant, (None, None))
+    task, model, objective, optimizer, cfg, solve_cfg = recipe_parts(task_name, preset, model_over=model_over,
+                                                                     train_over=train_over)
     params = [p for p in model.parameters() if p.requires_grad]
     rng = np.random.default_rng(0)
     difficulties = cfg.train_difficulties or task.train_difficulties

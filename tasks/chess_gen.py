@@ -211,7 +211,7 @@ class GenConfig:
         return self.train_games if split == "train" else self.test_games
 
     def game_ids(self, split: str) -> range:
-        return range(min(self.first_game, self.games(split)), self.games(split))
+        return range(self.first_game, self.games(split))  # empty when first_game >= the games
 
     def max_n(self, split: str) -> int:
         return self.train_max_n if split == "train" else self.test_max_n
@@ -333,10 +333,13 @@ def merge(parts: list[dict[str, np.ndarray]], commands: list[str]) -> dict[str, 
             rows.append({**row, "fen": row["fen"].decode(), "key": row["key"].decode(),
                          "source": sources[i].decode()})
     metas, merges = [], []
-    for part in parts:  # a part that is itself a merge contributes its parts, flat, in order
+    for part in parts:  # a part that is itself a merge contributes its runs, flat, in order
         meta = json.loads(str(part["meta"]))
-        metas.extend(meta["parts"] if "parts" in meta else [meta])
-        merges.extend(meta.get("merges", [meta["command"]] if "parts" in meta else []))
+        if "parts" in meta:
+            metas.extend(meta["parts"])
+            merges.extend(meta.get("merges", []) + [meta["command"]])
+        else:
+            metas.append(meta)
     meta = {"parts": metas, "command": "python -m tasks.chess_gen merge " + " ".join(commands),
             **({"merges": merges} if merges else {})}
     return {**_split_rules(rows), "meta": np.array(json.dumps(meta, sort_keys=True))}

@@ -344,16 +344,21 @@ def test_generator_extends_a_seed_with_first_game(tmp_path):
     gen.generate(cfg, tmp_path / "all.npz", tmp_path / "all.log", progress=False)
     gen.generate(replace(cfg, train_games=2), tmp_path / "a.npz", tmp_path / "a.log", progress=False)
     gen.generate(replace(cfg, first_game=2), tmp_path / "b.npz", tmp_path / "b.log", progress=False)
-    with np.load(tmp_path / "b.npz") as b:
-        assert set(b["game"].tolist()) <= {2, 3}  # the first games are not played again
-    parts = []
+    parts = {}
     for name in ("a", "b"):
         with np.load(tmp_path / f"{name}.npz") as data:
-            parts.append({k: data[k] for k in data.files})
-    merged = gen.merge(parts, ["x"])
+            parts[name] = {k: data[k] for k in data.files}
+    assert set(parts["b"]["game"].tolist()) == {2, 3}  # the later games only, none played again
+    merged = gen.merge([parts["a"], parts["b"]], ["x"])
     with np.load(tmp_path / "all.npz") as whole:
-        assert len(whole["fen"]) >= 2
+        assert set(whole["game"].tolist()) == {0, 1, 2, 3}
         assert all(np.array_equal(whole[k], merged[k]) for k in whole.files if k != "meta")
+    # a merge of a merge: the generator runs stay flat, every merge command is kept in order
+    again = json.loads(str(gen.merge([merged, parts["b"]], ["y"])["meta"]))
+    assert [p["config"]["first_game"] for p in again["parts"]] == [0, 2, 2]
+    assert again["merges"] == ["python -m tasks.chess_gen merge x"]
+    twice = json.loads(str(gen.merge([gen.merge([merged], ["y"])], ["z"])["meta"]))
+    assert twice["merges"] == ["python -m tasks.chess_gen merge x", "python -m tasks.chess_gen merge y"]
     with pytest.raises(gen.GeneratorError, match="first_game=2, not 0"):  # a log of the other games
         gen.generate(cfg, tmp_path / "x.npz", tmp_path / "b.log", progress=False)
 
