@@ -70,7 +70,11 @@ def add_train(p: argparse.ArgumentParser) -> None:
     def flag(group, dest, help, shown=None, option=None, **kw):
         # A flag not given leaves no attribute (SUPPRESS), so "not given" differs from any value.
         kind, name = TRAIN_FLAGS[dest]
-        shown = default(CONFIGS[kind], name) if shown is None else shown
+        if shown is None:
+            shown = default(CONFIGS[kind], name)
+            setters = [task for task, cls in TASKS.items() if name in cls.recipe()[kind]]
+            if setters:  # the dataclass default alone would mislead: say whose recipe overrides it
+                shown = f"{shown}; set by the recipe of {', '.join(setters)}"
         if not {"choices", "action", "metavar"} & set(kw):
             metavars = {int: "N", float: "X", int_list: "N,N,..", difficulty_list: "N,N,..", window_arg: "N|none",
                         none_or_str: "NAME|none"}
@@ -86,7 +90,8 @@ def add_train(p: argparse.ArgumentParser) -> None:
                    "values stand for flags not given")
     p.add_argument("--print-config", action="store_true",
                    help="print the configs this command would train with, as JSON, and exit")
-    p.add_argument("--preset", metavar="NAME", help="a named recipe of the task over its defaults (sudoku: long)")
+    p.add_argument("--preset", metavar="NAME", help="a named recipe of the task over its defaults ("
+                   + "; ".join(f"{name}: {', '.join(cls.presets)}" for name, cls in TASKS.items() if cls.presets) + ")")
     p.add_argument("--resume", action="store_true",
                    help="continue from <out-dir>/checkpoint.pt with its settings; only "
                         + ", ".join("--" + f.replace("_", "-") for f in RUN_CONTROL) + " may be given anew")

@@ -138,8 +138,8 @@ FLAG_HELP = {
         "z0_seed": ("seed of the random initial state (--z0 random)", {"type": int}),
         "cell_norm": ("normalize the loop block's linear layers: spectral, weight, or 'none' (solvers.normalize)",
                       {"type": none_or_str}),
-        "autocast": ("bf16: the loop block's matmuls in bfloat16 (residuals and solver state stay float32), "
-                     "or 'none'", {"type": none_or_str}),
+        "autocast": ("bf16: the loop block's matmuls in bfloat16 in training steps (residuals and solver state "
+                     "stay float32; evaluation solves in float32), or 'none'", {"type": none_or_str}),
         "dropout": ("variational dropout on the block's residual branches, one mask per solve (0: off)",
                     {"type": float}),
     },

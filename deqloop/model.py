@@ -123,8 +123,9 @@ class ModelConfig:
     relations: str | None = None  # board-structured attention: a key of RELATIONS (needs window=None)
     cell_norm: str | None = None  # spectral | weight: normalize the loop block's linear layers (solvers.normalize)
     dropout: float = 0.0  # variational dropout on the block's two residual branches: one mask per solve
-    autocast: str | None = None  # bf16: the block's matmuls in bfloat16 (torch.autocast); its output, the
-    #                              solver's residuals, tolerances and Anderson's least squares stay float32
+    autocast: str | None = None  # bf16: in training steps, the block's matmuls in bfloat16 (torch.autocast);
+    #                              its output, the solver's residuals, tolerances and Anderson's least squares
+    #                              stay float32, and solves without gradient (eval, solve, diagnose) run float32
 
     def __post_init__(self):
         check_field_types(self)
@@ -357,7 +358,9 @@ class LoopedTransformer(nn.Module):
         """One iteration of the loop: z_{k+1} = f(z_k, x) (rows: the samples of a sub-batch)."""
         compiled = self.compiled_block is not None and self.training and torch.is_grad_enabled()
         block = self.compiled_block if compiled else self.block  # no-grad iterations: eager, no recompiles
-        if self.cfg.autocast is None:
+        # bf16 in training steps only: a solve in bf16 never meets a 1e-3 tolerance (its rounding is
+        # ~1e-2), while float32 solves of the same weights converge (docs/TRAINING.md)
+        if self.cfg.autocast is None or not (self.training and torch.is_grad_enabled()):
             return block(z, x, rows)
         with torch.autocast(z.device.type, dtype=torch.bfloat16):
             return block(z, x, rows).to(z.dtype)
@@ -420,6 +423,23 @@ class LoopedTransformer(nn.Module):
 
     def _record_backward(self, result: SolverResult) -> None:
         self.backward_result = result
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU runs bfloat16 matmuls natively (AVX512-BF16 or AMX, as oneDNN sees it)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):  # a build without oneDNN
+        return False
+
+
+def autocast_note(cfg: ModelConfig, device: torch.device) -> str | None:
+    """A one-line warning where `cfg.autocast` will be slow on `device` (bf16 on a CPU that emulates
+    it: oneDNN converts every matmul's operands, so the step is slower than float32), else None."""
+    if cfg.autocast == "bf16" and device.type == "cpu" and not cpu_has_bf16():
+        return ("--autocast bf16 on a CPU without native bfloat16 (AVX512-BF16 / AMX) is emulated and "
+                "slower than float32; --autocast none trains in float32")
+    return None
 
 
 def task_configs(task, model: dict | None = None, solve: dict | None = None,

@@ -36,7 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from deqloop.errors import ConfigError
 from deqloop.io import resolve_device
-from deqloop.model import LoopedTransformer, ModelConfig, SolveConfig, build_model
+from deqloop.model import LoopedTransformer, ModelConfig, SolveConfig, autocast_note, build_model
 from deqloop.objective import Scored, TrainingObjective
 from deqloop.run import Run
 # the settings live in train_config; these names are importable from here too
@@ -231,6 +231,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
         stop_signal = []  # SIGINT/SIGTERM finish the step, save, and stop (a second SIGINT: at once)
         restore_signals = _catch_signals(stop_signal)
         run.start(task)
+        note = autocast_note(model_cfg, procs.device)
+        if note:
+            run.warn(note)
         objective.train()
         local_batch = cfg.batch_size // procs.world_size
         params = [p for p in model.parameters() if p.requires_grad]  # the clip's order: the model's

@@ -557,3 +557,19 @@ def test_the_shipped_chess_model_finds_mates_in_human_games(capsys):
     assert evaluate(model, task, solve, batch, max_iter=16, device="cpu")["acc"] >= 0.55
     assert cli.main(["solve", "chess", "r1bqkb1r/pppp1ppp/2n2n2/4p2Q/2B1P3/8/PPPP1PPP/RNB1K1NR w KQkq - 4 4"]) == 0
     assert capsys.readouterr().out.splitlines()[0] == "h5f7 Qxf7#"
+
+
+def test_the_long_preset_is_the_shipped_models_recipe():
+    """`train --task chess --preset long` trains what deqloop/models/chess was trained with (the
+    default moved to bf16 training steps; the preset keeps the shipped model's float32)."""
+    from deqloop.checkpoint import load_checkpoint
+    from deqloop.model import task_configs
+
+    ckpt = load_checkpoint("chess")
+    model_cfg, solve_cfg = task_configs(Chess, preset="long")
+    assert model_cfg.to_dict() == ckpt["model_config"]
+    recipe = Chess.recipe("long")["train"]
+    assert {k: ckpt["train_config"][k] for k in recipe} == recipe
+    assert {k: ckpt["solve_config"][k] for k in Chess.solve_defaults} == Chess.solve_defaults
+    default_cfg, _ = task_configs(Chess)
+    assert default_cfg.autocast == "bf16" and default_cfg.d_model == 128

@@ -395,6 +395,17 @@ def test_every_config_field_has_a_train_flag():
     assert (model_cfg.causal, model_cfg.z0, model_cfg.z0_seed) == (False, "random", 7)
 
 
+def test_train_help_names_the_recipes_that_override_a_default():
+    """--help shows each flag's dataclass default, and for a field some task's recipe sets, which
+    tasks set it (chess trains 8 heads although ModelConfig says 4); --preset lists every task's."""
+    train_parser = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    text = " ".join(train_parser.format_help().split())
+    assert "attention heads (default: 4; set by the recipe of chess)" in text
+    assert "optimizer steps (default: 3000; set by the recipe of sudoku, chess)" in text
+    assert "AdamW weight decay (default: 0.01)" in text  # no recipe sets it
+    assert "sudoku: long; chess: long" in text
+
+
 def test_train_writes_a_tensorboard_log(capsys, tmp_path):
     """--tensorboard: every train and eval row as scalars at its step, readable by TensorBoard."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from deqloop.errors import ConfigError, ConfigTypeError, UsageError
-from deqloop.model import NORMS, RECALLS, ModelConfig, SolveConfig, build_model
+from deqloop import model as model_module
+from deqloop.model import NORMS, RECALLS, ModelConfig, SolveConfig, autocast_note, build_model
 from deqloop.objective import TrainingObjective, training_forward, training_loss
 
 TOY = dict(vocab_size=3, n_classes=2, d_model=16, n_heads=2)
@@ -297,8 +298,25 @@ def test_bf16_autocast_block_is_close_to_float32_and_returns_float32():
         assert z_half.dtype == torch.float32
     assert 0 < float((z_half - z_plain).abs().max()) < 0.1  # really another precision, and close to it
     tokens = torch.randint(0, 3, (4, 10), generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        logits, result = half(tokens, SolveConfig(solver="anderson", max_iter=30, tol=1e-3))
-    assert result.abs_residual.dtype == torch.float32 and torch.isfinite(logits).all()
+    solve = SolveConfig(solver="anderson", max_iter=30, tol=1e-3)
+    with torch.no_grad():  # a solve without gradient (evaluation) runs float32: the same as the plain model
+        logits, result = half(tokens, solve)
+        plain_logits, _ = plain(tokens, solve)
+    assert result.abs_residual.dtype == torch.float32 and torch.equal(logits, plain_logits)
+    half.eval()
+    assert torch.equal(half.f(x, x), plain.f(x, x))  # eval mode too, with gradients on
     with pytest.raises(ConfigError, match="autocast"):
         ModelConfig(**TOY, autocast="fp8")
+
+
+def test_autocast_note_warns_only_where_bf16_is_emulated(monkeypatch):
+    """bf16 on a CPU without native bfloat16 is slower than float32: training says so in one line;
+    float32, a CUDA device and a CPU with native bf16 get no note."""
+    cfg, cpu = ModelConfig(**TOY, autocast="bf16"), torch.device("cpu")
+    monkeypatch.setattr(model_module, "cpu_has_bf16", lambda: False)
+    note = autocast_note(cfg, cpu)
+    assert note is not None and "emulated" in note and "\n" not in note
+    assert autocast_note(ModelConfig(**TOY), cpu) is None
+    assert autocast_note(cfg, torch.device("cuda")) is None
+    monkeypatch.setattr(model_module, "cpu_has_bf16", lambda: True)
+    assert autocast_note(cfg, cpu) is None
