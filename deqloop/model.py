@@ -356,11 +356,12 @@ class LoopedTransformer(nn.Module):
 
     def f(self, z: Tensor, x: Tensor, rows: Tensor | None = None) -> Tensor:
         """One iteration of the loop: z_{k+1} = f(z_k, x) (rows: the samples of a sub-batch)."""
-        compiled = self.compiled_block is not None and self.training and torch.is_grad_enabled()
-        block = self.compiled_block if compiled else self.block  # no-grad iterations: eager, no recompiles
-        # bf16 in training steps only: a solve in bf16 never meets a 1e-3 tolerance (its rounding is
-        # ~1e-2), while float32 solves of the same weights converge (docs/TRAINING.md)
-        if self.cfg.autocast is None or not (self.training and torch.is_grad_enabled()):
+        # Compilation and bf16 apply to training steps only: no-grad iterations stay eager (no
+        # recompiles for sub-batch shapes) and float32 (a bf16 solve never meets a 1e-3 tolerance,
+        # its rounding is ~1e-2, while float32 solves of the same weights converge: docs/TRAINING.md)
+        training_step = self.training and torch.is_grad_enabled()
+        block = self.compiled_block if training_step and self.compiled_block is not None else self.block
+        if self.cfg.autocast is None or not training_step:
             return block(z, x, rows)
         with torch.autocast(z.device.type, dtype=torch.bfloat16):
             return block(z, x, rows).to(z.dtype)

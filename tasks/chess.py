@@ -279,18 +279,17 @@ class Chess(Task):
     # A board: global attention with a learned bias per head and (rank, file) offset of the two
     # squares (relations "board8", the same on every square), plus learned absolute squares (the
     # edge, the back rank and the promotion rank matter in chess, unlike in sudoku). Width 128 and 8
-    # heads, with bf16 matmuls in the training steps (1.45x a float32 step here; evaluation solves in
-    # float32): at equal time it beats width 64 in float32 (docs/TRAINING.md).
+    # heads, with bf16 matmuls in the training steps (about 1.5x a float32 step on this CPU;
+    # evaluation solves in float32): at equal time it beats width 64 in float32 (docs/TRAINING.md).
     model_defaults = {"window": None, "causal": False, "n_positions": 64, "relations": "board8", "n_heads": 8,
                       "d_model": 128, "autocast": "bf16"}
     # Backpropagation through 16 unrolled plain iterations with the loss on every iterate (the
     # sudoku recipe). docs/TRAINING.md has the runs that chose it.
     solve_defaults = {"backward": "unroll", "max_iter": 16, "loss_every": 1, "solver": "fixed_point_iter"}
     train_defaults = {"steps": 2400, "warmup_steps": 200, "lr": 2e-3, "eval_every": 600, "eval_size": 200}
-    # The shipped model (deqloop/models/chess/): float32, more steps.
-    presets = {"long": {"model": {"d_model": 128, "autocast": None},
-                        "train": {"steps": 3400, "warmup_steps": 200, "eval_every": 850, "eval_size": 200,
-                                  "ckpt_every": 250}}}
+    # The shipped model (deqloop/models/chess/): the default in float32, with more steps.
+    presets = {"long": {"model": {"autocast": None},
+                        "train": {"steps": 3400, "eval_every": 850, "ckpt_every": 250}}}
 
     mirror_files = True  # training mirrors the files of half the positions without castling rights
 
