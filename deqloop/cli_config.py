@@ -139,7 +139,8 @@ FLAG_HELP = {
         "cell_norm": ("normalize the loop block's linear layers: spectral, weight, or 'none' (solvers.normalize)",
                       {"type": none_or_str}),
         "autocast": ("bf16: the loop block's matmuls in bfloat16 in training steps (residuals and solver state "
-                     "stay float32; evaluation solves in float32), or 'none'", {"type": none_or_str}),
+                     "stay float32; evaluation solves in float32); auto: bf16 where the device runs it natively "
+                     "(AVX512-BF16 / AMX CPUs, CUDA from Ampere), else float32; or 'none'", {"type": none_or_str}),
         "dropout": ("variational dropout on the block's residual branches, one mask per solve (0: off)",
                     {"type": float}),
     },

@@ -18,6 +18,7 @@ Positions, three ways:
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 import types
@@ -41,6 +42,7 @@ RECALLS = ("none", "standard", "internal")
 NORMS = ("none", "pre", "post", "outer")
 Z0S = ("zeros", "input", "random")
 CELL_NORMS = (None, "spectral", "weight")
+AUTOCASTS = (None, "bf16", "auto")  # ModelConfig.autocast
 BACKWARDS = ("ift", "phantom", "unroll", "progressive")
 
 
@@ -125,7 +127,8 @@ class ModelConfig:
     dropout: float = 0.0  # variational dropout on the block's two residual branches: one mask per solve
     autocast: str | None = None  # bf16: in training steps, the block's matmuls in bfloat16 (torch.autocast);
     #                              its output, the solver's residuals, tolerances and Anderson's least squares
-    #                              stay float32, and solves without gradient (eval, solve, diagnose) run float32
+    #                              stay float32, and solves without gradient (eval, solve, diagnose) run float32.
+    #                              auto: bf16 where the device runs it natively, else float32 (autocast_dtype)
 
     def __post_init__(self):
         check_field_types(self)
@@ -139,8 +142,8 @@ class ModelConfig:
             raise ConfigError(f"window must be >= 1 or None, got {self.window}")
         if self.cell_norm not in CELL_NORMS:
             raise ConfigError(f"cell_norm must be one of {', '.join(map(str, CELL_NORMS))}; got {self.cell_norm!r}")
-        if self.autocast not in (None, "bf16"):
-            raise ConfigError(f"autocast must be bf16 or None; got {self.autocast!r}")
+        if self.autocast not in AUTOCASTS:
+            raise ConfigError(f"autocast must be bf16, auto or None; got {self.autocast!r}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.relations is not None:
@@ -361,9 +364,10 @@ class LoopedTransformer(nn.Module):
         # its rounding is ~1e-2, while float32 solves of the same weights converge: docs/TRAINING.md)
         training_step = self.training and torch.is_grad_enabled()
         block = self.compiled_block if training_step and self.compiled_block is not None else self.block
-        if self.cfg.autocast is None or not training_step:
+        dtype = autocast_dtype(self.cfg.autocast, z.device) if training_step else None
+        if dtype is None:
             return block(z, x, rows)
-        with torch.autocast(z.device.type, dtype=torch.bfloat16):
+        with torch.autocast(z.device.type, dtype=dtype):
             return block(z, x, rows).to(z.dtype)
 
     def z_init(self, x: Tensor) -> Tensor:
@@ -426,6 +430,7 @@ class LoopedTransformer(nn.Module):
         self.backward_result = result
 
 
+@functools.cache
 def cpu_has_bf16() -> bool:
     """Whether this CPU runs bfloat16 matmuls natively (AVX512-BF16 or AMX, as oneDNN sees it)."""
     try:
@@ -434,12 +439,41 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def autocast_note(cfg: ModelConfig, device: torch.device) -> str | None:
-    """A one-line warning where `cfg.autocast` will be slow on `device` (bf16 on a CPU that emulates
-    it: oneDNN converts every matmul's operands, so the step is slower than float32), else None."""
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether bfloat16 matmuls on `device` are native, so faster than float32 (a CPU that emulates
+    them ran the chess training step 17x slower than float32: docs/TRAINING.md)."""
+    if device.type == "cpu":
+        return cpu_has_bf16()
+    if device.type == "cuda":
+        return _cuda_has_bf16(device.index if device.index is not None else torch.cuda.current_device())
+    return False
+
+
+@functools.cache
+def _cuda_has_bf16(index: int) -> bool:
+    return torch.cuda.get_device_capability(index) >= (8, 0)  # Ampere and newer
+
+
+def autocast_dtype(setting: str | None, device: torch.device) -> torch.dtype | None:
+    """The dtype a training step's block runs in under ModelConfig.autocast `setting` on `device`
+    (None: float32). "auto" is bf16 only where `device` runs it natively."""
+    if setting == "bf16" or (setting == "auto" and bf16_is_native(device)):
+        return torch.bfloat16
+    return None
+
+
+def autocast_note(cfg: ModelConfig, device: torch.device) -> tuple[str, str] | None:
+    """("warning" | "note", one line) on what `cfg.autocast` does on `device`, or None where there
+    is nothing to say: bf16 on a CPU that emulates it (oneDNN converts every matmul's operands,
+    so the step is slower than float32) warns; auto says which precision it chose."""
     if cfg.autocast == "bf16" and device.type == "cpu" and not cpu_has_bf16():
-        return ("--autocast bf16 on a CPU without native bfloat16 (AVX512-BF16 / AMX) is emulated and "
-                "slower than float32; --autocast none trains in float32")
+        return ("warning", "--autocast bf16 on a CPU without native bfloat16 (AVX512-BF16 / AMX) is emulated and "
+                           "slower than float32; --autocast none or auto trains in float32 here")
+    if cfg.autocast == "auto":
+        if autocast_dtype("auto", device) is not None:
+            return ("note", f"autocast auto: training steps run the block's matmuls in bfloat16 (native on this {device.type})")
+        return ("note", f"autocast auto: training in float32 (this {device.type} has no native bfloat16; "
+                        "a step takes longer than on one that has)")
     return None
 
 

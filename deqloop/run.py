@@ -161,13 +161,13 @@ class Run:
         if not self.progress.console.is_terminal:  # no live bar in a log file: one readable line per row
             print(row_line(row, self.cfg.steps), flush=True)
 
-    def warn(self, message: str) -> None:
+    def warn(self, message: str, kind: str = "warning") -> None:
         if not self.procs.master:
             return
         if self.progress.console.is_terminal:
-            self.progress.console.print(f"warning: {message}")
+            self.progress.console.print(f"{kind}: {message}")
         else:
-            print(f"warning: {message}", file=sys.stderr)
+            print(f"{kind}: {message}", file=sys.stderr)
 
     def warn_if_diverged(self) -> None:
         losses = [r["loss"] for r in self.metrics if r.get("kind") == "train" and r.get("loss") is not None]

@@ -233,7 +233,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
         run.start(task)
         note = autocast_note(model_cfg, procs.device)
         if note:
-            run.warn(note)
+            run.warn(note[1], kind=note[0])
         objective.train()
         local_batch = cfg.batch_size // procs.world_size
         params = [p for p in model.parameters() if p.requires_grad]  # the clip's order: the model's

@@ -279,10 +279,12 @@ class Chess(Task):
     # A board: global attention with a learned bias per head and (rank, file) offset of the two
     # squares (relations "board8", the same on every square), plus learned absolute squares (the
     # edge, the back rank and the promotion rank matter in chess, unlike in sudoku). Width 128 and 8
-    # heads, with bf16 matmuls in the training steps (about 1.5x a float32 step on this CPU;
-    # evaluation solves in float32): at equal time it beats width 64 in float32 (docs/TRAINING.md).
+    # heads, with bf16 matmuls in the training steps where the CPU or GPU has native bf16 (autocast
+    # auto: about 1.5x a float32 step on an AVX512-BF16 CPU; float32 elsewhere, since emulated bf16
+    # was 17x slower; evaluation solves in float32). At equal time on an AVX512-BF16 CPU it beats
+    # width 64 in float32 (docs/TRAINING.md).
     model_defaults = {"window": None, "causal": False, "n_positions": 64, "relations": "board8", "n_heads": 8,
-                      "d_model": 128, "autocast": "bf16"}
+                      "d_model": 128, "autocast": "auto"}
     # Backpropagation through 16 unrolled plain iterations with the loss on every iterate (the
     # sudoku recipe). docs/TRAINING.md has the runs that chose it.
     solve_defaults = {"backward": "unroll", "max_iter": 16, "loss_every": 1, "solver": "fixed_point_iter"}

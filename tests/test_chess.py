@@ -572,4 +572,4 @@ def test_the_long_preset_is_the_shipped_models_recipe():
     assert {k: ckpt["train_config"][k] for k in recipe} == recipe
     assert {k: ckpt["solve_config"][k] for k in Chess.solve_defaults} == Chess.solve_defaults
     default_cfg, _ = task_configs(Chess)
-    assert default_cfg.autocast == "bf16" and default_cfg.d_model == 128
+    assert default_cfg.autocast == "auto" and default_cfg.d_model == 128

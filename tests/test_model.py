@@ -311,12 +311,31 @@ def test_bf16_autocast_block_is_close_to_float32_and_returns_float32():
 
 def test_autocast_note_warns_only_where_bf16_is_emulated(monkeypatch):
     """bf16 on a CPU without native bfloat16 is slower than float32: training says so in one line;
-    float32, a CUDA device and a CPU with native bf16 get no note."""
+    float32, a CUDA device and a CPU with native bf16 get no note. auto says what it chose."""
     cfg, cpu = ModelConfig(**TOY, autocast="bf16"), torch.device("cpu")
     monkeypatch.setattr(model_module, "cpu_has_bf16", lambda: False)
-    note = autocast_note(cfg, cpu)
-    assert note is not None and "emulated" in note and "\n" not in note
+    kind, note = autocast_note(cfg, cpu)
+    assert kind == "warning" and "emulated" in note and "\n" not in note
     assert autocast_note(ModelConfig(**TOY), cpu) is None
     assert autocast_note(cfg, torch.device("cuda")) is None
+    kind, note = autocast_note(ModelConfig(**TOY, autocast="auto"), cpu)
+    assert kind == "note" and "float32" in note
     monkeypatch.setattr(model_module, "cpu_has_bf16", lambda: True)
     assert autocast_note(cfg, cpu) is None
+    kind, note = autocast_note(ModelConfig(**TOY, autocast="auto"), cpu)
+    assert kind == "note" and "bfloat16" in note
+
+
+def test_autocast_auto_is_bf16_only_where_native(monkeypatch):
+    """autocast=auto trains the block in bf16 where the CPU has native bfloat16 (the same numbers as
+    autocast=bf16) and in float32 where it would be emulated (the same numbers as no autocast)."""
+    plain, half, auto = toy(), toy(autocast="bf16"), toy(autocast="auto")
+    half.load_state_dict(plain.state_dict())
+    auto.load_state_dict(plain.state_dict())
+    x = rand(4, 10, 16)
+    for native, twin in ((False, plain), (True, half)):
+        monkeypatch.setattr(model_module, "cpu_has_bf16", lambda: native)
+        assert torch.equal(auto.f(x, x), twin.f(x, x)), native
+    assert not torch.equal(plain.f(x, x), half.f(x, x))  # the two cases really differ
+    assert model_module.autocast_dtype("auto", torch.device("meta")) is None
+    assert model_module.autocast_dtype(None, torch.device("cpu")) is None
