@@ -46,6 +46,7 @@ class Run:
         self.ckpt_path = self.out_dir / "checkpoint.pt"
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.step, self.metrics, self.adjoint_failures = 0, [], 0
+        self.warned_unconverged = False  # the forward-solve warning of implicit gradients, once a run
         self.lock, self.progress, self.bar, self.test_sets, self.eval_iters = None, None, None, {}, {}
         self.tb = None  # a torch.utils.tensorboard SummaryWriter with --tensorboard (master only)
 
@@ -118,6 +119,7 @@ class Run:
                            b_converged=float(adjoint.converged.float().mean()),
                            b_max_residual=float(adjoint.residual.max()), b_failures=self.adjoint_failures)
             self.log(row)
+            self.warn_if_unconverged()
         self.progress.update(self.bar, completed=step, info=f"loss {stats['loss']:.4f}  acc {stats['acc']:.3f}  "
                              f"steps {stats['solver_steps']:.1f}  res {stats['max_residual']:.2g}")
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -168,6 +170,21 @@ class Run:
             self.progress.console.print(f"{kind}: {message}")
         else:
             print(f"{kind}: {message}", file=sys.stderr)
+
+    def warn_if_unconverged(self, window: int = 5, below: float = 0.5) -> None:
+        """Once a run: an implicit gradient (backward ift or phantom) is taken at the forward solve's
+        last iterate, which is the loss's gradient only at a fixed point. Warn when the forward
+        solve reached tol on fewer than `below` of the batch over the last `window` logged steps
+        (the eighth session's IFT runs on prefix sums had their forward budget too small to converge)."""
+        backward = self.solve_cfg.backward
+        if backward not in ("ift", "phantom") or self.warned_unconverged:
+            return
+        recent = [r["converged"] for r in self.metrics if r.get("kind") == "train"][-window:]
+        if len(recent) == window and sum(recent) / window < below:
+            self.warned_unconverged = True
+            self.warn(f"step {self.step}: the forward solve reached tol on {100 * sum(recent) / window:.0f}% of the "
+                      f"batch over the last {window} logged steps (max_iter {self.solve_cfg.max_iter}); a {backward} "
+                      "gradient away from the fixed point is not the loss's gradient: raise --max-iter or --tol")
 
     def warn_if_diverged(self) -> None:
         losses = [r["loss"] for r in self.metrics if r.get("kind") == "train" and r.get("loss") is not None]

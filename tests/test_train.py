@@ -78,6 +78,18 @@ def test_bf16_autocast_learns(tmp_path):
     assert drops[1] > 0.5 * drops[0] > 0.005, drops
 
 
+def test_implicit_gradient_warns_once_when_the_forward_solve_does_not_converge(tmp_path, capsys):
+    """backward=ift with a forward budget too small to reach tol (1 plain iteration at tol 1e-6):
+    training says so once, in one line, naming the fix; with a budget that converges it stays quiet."""
+    train(toy_train(tmp_path / "short", steps=8), toy_model(), SolveConfig(backward="ift", max_iter=1, tol=1e-6))
+    err = capsys.readouterr().err
+    assert err.count("the forward solve reached tol on 0% of the batch") == 1, err
+    assert "raise --max-iter" in err and all(r["converged"] == 0 for r in rows(tmp_path / "short"))
+    train(toy_train(tmp_path / "long", steps=8), toy_model(), SolveConfig(backward="ift", max_iter=60, tol=1e-3))
+    assert all(r["converged"] > 0.5 for r in rows(tmp_path / "long"))
+    assert "forward solve reached tol" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("backward", BACKWARDS)
 def test_every_backward_trains(tmp_path, backward):
     solve = SolveConfig(backward=backward, max_iter=10)
