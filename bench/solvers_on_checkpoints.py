@@ -44,6 +44,8 @@ SOLVERS = [
     ("anderson warmup 32", "ours", "anderson", {"warmup": 32}),
     ("broyden", "ours", "broyden", {}),
     ("broyden warmup 32", "ours", "broyden", {"warmup": 32}),
+    ("broyden guarded", "ours", "broyden", {"safeguard": 1.0}),  # anderson's default guard
+    ("broyden guarded x2, restarts", "ours", "broyden", {"safeguard": 2.0, "max_restarts": None}),
     ("torchdeq fixed_point_iter", "torchdeq", "fixed_point_iter", {}),
     ("torchdeq anderson", "torchdeq", "anderson", {}),
     ("torchdeq broyden", "torchdeq", "broyden", {}),

@@ -149,7 +149,8 @@ FLAG_HELP = {
         "max_iter": ("forward iterations at most", {"type": int}),
         "tol": ("relative residual at which a sample stops", {"type": float}),
         "solver_options": ("a forward-solver option KEY=VALUE (anderson: m, beta, reg, block_size, safeguard, "
-                           "warmup; broyden: m, warmup; fixed_point_iter: tau), repeatable",
+                           "max_restarts, warmup; broyden: m, safeguard, max_restarts, warmup; "
+                           "fixed_point_iter: tau), repeatable",
                            {"type": solver_option, "action": "append", "metavar": "KEY=VALUE", "shown": "none",
                             "option": "--solver-option"}),
         "backward": ("gradient", {"choices": BACKWARDS}),

@@ -58,6 +58,16 @@ class State:
 Step = Callable[[Tensor, Tensor, Tensor, State], Tensor]
 
 
+def check_safeguard(safeguard, max_restarts) -> None:
+    """The residual safeguard's options of anderson and broyden: a number > 0 or None, an int >= 0 or None."""
+    if safeguard is not None and (isinstance(safeguard, bool) or not isinstance(safeguard, (int, float))
+                                  or not safeguard > 0):
+        raise ValueError(f"safeguard must be a number > 0 or None, got {safeguard!r}")
+    if max_restarts is not None and (isinstance(max_restarts, bool) or not isinstance(max_restarts, int)
+                                     or max_restarts < 0):
+        raise ValueError(f"max_restarts must be an integer >= 0 or None, got {max_restarts!r}")
+
+
 def after_plain_steps(step: Step, n: int) -> Step:
     """`step` after n plain steps z <- f(z): its history starts at the n-th iterate (a solver that
     accelerates from where plain iteration has already chosen its basin)."""

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from ._loop import LoopOptions, State, after_plain_steps, iterate
+from ._loop import LoopOptions, State, after_plain_steps, check_safeguard, iterate
 from .result import SolverResult
 
 if TYPE_CHECKING:
@@ -116,10 +116,6 @@ def _check_options(m, beta, reg, safeguard, max_restarts, block_size) -> None:
         raise ValueError(f"beta must be > 0, got {beta!r}")
     if not reg >= 0:
         raise ValueError(f"reg must be >= 0, got {reg!r}")
-    if safeguard is not None and not (isinstance(safeguard, (int, float)) and safeguard > 0):
-        raise ValueError(f"safeguard must be a number > 0 or None, got {safeguard!r}")
-    if max_restarts is not None and (isinstance(max_restarts, bool) or not isinstance(max_restarts, int)
-                                     or max_restarts < 0):
-        raise ValueError(f"max_restarts must be an integer >= 0 or None, got {max_restarts!r}")
+    check_safeguard(safeguard, max_restarts)
     if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
         raise ValueError(f"block_size must be an integer >= 1 or None, got {block_size!r}")

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from ._loop import LoopOptions, State, after_plain_steps, iterate
+from ._loop import LoopOptions, State, after_plain_steps, check_safeguard, iterate
 from .result import SolverResult
 
 if TYPE_CHECKING:
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 
 def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 0,
+            safeguard: float | None = None, max_restarts: int | None = 0,
             **options: Unpack[LoopOptions]) -> SolverResult:
     """Solve g(z) = f(z) - z = 0 with quasi-Newton steps z <- z - H g, per sample.
 
@@ -28,19 +29,36 @@ def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 
     Update after a step s with residual change y: H += (s - H y) (s^T H) / (s^T H y); a
     sample whose denominator is negligible skips its update.
     warmup: take this many plain steps z <- f(z) first (see anderson).
+    safeguard: reject a quasi-Newton step whose residual norm exceeds `safeguard` times the
+        residual at the iterate it started from: that sample goes back to that iterate, H
+        restarts from -I, and the next step is the plain one (None, the default: never reject).
+        As in anderson, at the cost of evaluating the rejected point.
+    max_restarts: with `safeguard`, a sample rejected more than this many times finishes by
+        plain steps (None: restart without limit; 0: the first rejection).
     `options`: tol, max_iter, stop_mode, subbatch, divergence_ratio (solvers.LoopOptions).
     """
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m must be an integer >= 1, got {m!r}")
+    check_safeguard(safeguard, max_restarts)
 
     def step(z: Tensor, fz: Tensor, g: Tensor, state: State) -> Tensor:
         rows = state.rows
         if state.k == 0:  # H = -I: the first step is the plain one
             n, d = z.shape
             rows.update(u=z.new_zeros(n, m, d), v=z.new_zeros(n, m, d), g=g, step=g)
+            if safeguard is not None:
+                rows.update(z=z, mixed=torch.zeros(n, dtype=torch.bool, device=z.device),
+                            restarts=torch.zeros(n, dtype=torch.long, device=z.device))
             return z + g
         u, v = rows["u"], rows["v"]
         used = (state.k - 1) % m  # rank-one terms in use before this update (a full memory restarts)
+        if safeguard is not None:
+            bad = rows["mixed"] & (g.norm(dim=1) > safeguard * rows["g"].norm(dim=1))
+            if bool(bad.any()):  # back to the previous iterate with H = -I; y = 0 there skips the update
+                rows["restarts"] += bad
+                z = torch.where(bad[:, None], rows["z"], z)
+                g = torch.where(bad[:, None], rows["g"], g)
+                u[bad], v[bad] = 0, 0
         s, y = rows["step"], g - rows["g"]
         uu, vv = u[:, :used], v[:, :used]
         hy = -y + _lowrank(uu, vv, y)  # H y, (n, D)
@@ -50,6 +68,13 @@ def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 
         ok = denom.abs() > eps * vt.norm(dim=1, keepdim=True) * y.norm(dim=1, keepdim=True)
         u[:, used] = torch.where(ok, (s - hy) / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
         v[:, used] = torch.where(ok, vt, 0.0)
+        if safeguard is not None:
+            if max_restarts is not None:  # past the limit: H = -I for good, plain steps from here on
+                plain = rows["restarts"] > max_restarts
+                if bool(plain.any()):
+                    u[plain], v[plain] = 0, 0
+            rows["z"] = z
+            rows["mixed"] = (u[:, :used + 1] != 0).flatten(1).any(dim=1)  # the next step is quasi-Newton
         rows["g"] = g
         rows["step"] = g - _lowrank(u[:, :used + 1], v[:, :used + 1], g)  # -H g
         return z + rows["step"]

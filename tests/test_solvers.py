@@ -341,11 +341,40 @@ def test_safeguarded_anderson_still_converges_where_plain_iteration_fails():
     assert (residual(f, guarded.z) < 1e-8).all()
 
 
+def test_guarded_broyden_goes_back_and_finishes_by_plain_steps():
+    """broyden(safeguard=1): at the first quasi-Newton step whose residual grows, the sample goes
+    back to the iterate it came from and, with max_restarts 0, takes plain steps z <- f(z) from
+    there: every point evaluated after the rejected one is f of the point before it."""
+    g = gen(0)
+    w = 1.5 * torch.randn(32, 32, generator=g, dtype=F64) / math.sqrt(32)  # not a contraction
+    c = torch.randn(1, 32, generator=g, dtype=F64)
+    seen = []
+
+    def f(z):
+        seen.append(z.clone())
+        return torch.tanh(z @ w.T + c)
+
+    r = solve(f, torch.zeros(1, 32, dtype=F64), method="broyden", tol=1e-8, max_iter=60, safeguard=1.0)
+    trace, points = r.trace[0], list(seen)
+    k = next(i for i in range(1, len(trace)) if trace[i] > trace[i - 1])  # the rejected point
+    assert k > 2  # quasi-Newton steps were taken before it
+    assert torch.allclose(points[k + 1], f(points[k - 1]))  # back one iterate, then the plain step
+    assert all(torch.allclose(points[j + 1], f(points[j])) for j in range(k + 1, len(points) - 1))
+    unguarded = solve(f, torch.zeros(1, 32, dtype=F64), method="broyden", tol=1e-8, max_iter=60)
+    assert torch.equal(unguarded.trace[0, :k + 1], trace[:k + 1])  # the same solve until the rejection
+
+
 @pytest.mark.parametrize("bad, words", [({"block_size": 5}, "does not divide"), ({"block_size": 0}, "block_size"),
                                         ({"safeguard": 0}, "safeguard"), ({"safeguard": "x"}, "safeguard")])
 def test_anderson_bad_variant_options(bad, words):
     with pytest.raises(ValueError, match=words):
         solve(lambda z: 0.5 * z, torch.zeros(2, 12, dtype=F64), method="anderson", **bad)
+
+
+@pytest.mark.parametrize("bad", [{"safeguard": 0}, {"safeguard": True}, {"max_restarts": -1}, {"max_restarts": 1.5}])
+def test_broyden_bad_safeguard_options(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        solve(lambda z: 0.5 * z, torch.zeros(2, 12, dtype=F64), method="broyden", **bad)
 
 
 @pytest.mark.parametrize("name", ACCELERATED)
