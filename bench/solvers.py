@@ -88,6 +88,21 @@ def hard_map(seed: int = 1, d: int = 256, b: int = 64, eig: tuple = (-1.8, 0.9))
                    f, torch.zeros(b, d, dtype=DTYPE), max_iter=200)
 
 
+def expanding_map(seed: int = 0, d: int = 256, b: int = 64, gain: float = 1.5) -> Problem:
+    """(e) f(z) = tanh(z W^T + c), W = gain * N(0, 1/d): not symmetric, spectral radius about
+    `gain`, so plain iteration diverges or cycles on most samples; a generic map for the
+    acceleration a residual safeguard must not throw away."""
+    g = torch.Generator().manual_seed(seed)
+    w = gain * torch.randn(d, d, generator=g, dtype=DTYPE) / math.sqrt(d)
+    c = torch.randn(b, d, generator=g, dtype=DTYPE)
+
+    def f(z, idx=None):
+        return torch.tanh(z @ w.T + _rows(c, idx))
+
+    return Problem("e", f"(e) expanding map tanh(zW^T + c), W ~ {gain} N(0, 1/d) non-symmetric, d={d}, B={b}", f,
+                   torch.zeros(b, d, dtype=DTYPE), max_iter=300)
+
+
 class PreNormBlock(nn.Module):
     """h + Attn(LN1(h)), then + MLP(LN2(.)); optionally LN_out on the block's output."""
 
@@ -183,6 +198,7 @@ class SolverSpec:
 SPECS = (
     SolverSpec("ours fixed_point_iter", "ours", "fixed_point_iter"),
     SolverSpec("ours anderson", "ours", "anderson"),
+    SolverSpec("ours anderson, max_restarts=0", "ours", "anderson", {"max_restarts": 0}),
     SolverSpec("ours broyden", "ours", "broyden"),
     SolverSpec("torchdeq fixed_point_iter", "torchdeq", "fixed_point_iter"),
     SolverSpec("torchdeq anderson", "torchdeq", "anderson"),
@@ -479,7 +495,7 @@ def main(argv: list[str] | None = None) -> None:
     t_start = time.perf_counter()
 
     problems = [tanh_layer(), hard_map(), transformer(outer_norm=True),
-                transformer(outer_norm=False)]
+                transformer(outer_norm=False), expanding_map()]
     halt_prob = mixed_tanh_stack()
     load_start = os.getloadavg()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, float32, "

@@ -38,14 +38,15 @@ SOLVERS = [
     ("fixed_point_iter", "ours", "fixed_point_iter", {}),
     ("anderson", "ours", "anderson", {}),  # the default: safeguard 1, max_restarts 0
     ("anderson unguarded", "ours", "anderson", {"safeguard": None}),
-    ("anderson guarded, 2 restarts", "ours", "anderson", {"max_restarts": 2}),
+    ("anderson guarded 2 restarts", "ours", "anderson", {"max_restarts": 2}),
+    ("anderson guarded restarts unlimited", "ours", "anderson", {"max_restarts": None}),
     ("anderson per position", "ours", "anderson", {"block_size": "D", "safeguard": None}),
     ("anderson warmup 16", "ours", "anderson", {"warmup": 16}),
     ("anderson warmup 32", "ours", "anderson", {"warmup": 32}),
     ("broyden", "ours", "broyden", {}),
     ("broyden warmup 32", "ours", "broyden", {"warmup": 32}),
     ("broyden guarded", "ours", "broyden", {"safeguard": 1.0}),  # anderson's default guard
-    ("broyden guarded x2, restarts", "ours", "broyden", {"safeguard": 2.0, "max_restarts": None}),
+    ("broyden guarded x2 restarts unlimited", "ours", "broyden", {"safeguard": 2.0, "max_restarts": None}),
     ("torchdeq fixed_point_iter", "torchdeq", "fixed_point_iter", {}),
     ("torchdeq anderson", "torchdeq", "anderson", {}),
     ("torchdeq broyden", "torchdeq", "broyden", {}),

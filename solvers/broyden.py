@@ -52,6 +52,7 @@ def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 
             return z + g
         u, v = rows["u"], rows["v"]
         used = (state.k - 1) % m  # rank-one terms in use before this update (a full memory restarts)
+        bad = None
         if safeguard is not None:
             bad = rows["mixed"] & (g.norm(dim=1) > safeguard * rows["g"].norm(dim=1))
             if bool(bad.any()):  # back to the previous iterate with H = -I; y = 0 there skips the update
@@ -69,12 +70,16 @@ def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 
         u[:, used] = torch.where(ok, (s - hy) / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
         v[:, used] = torch.where(ok, vt, 0.0)
         if safeguard is not None:
+            # H != -I for the next step: this update was taken, or an earlier one still is in memory
+            mixed = ok.squeeze(1) | (rows["mixed"] & (used > 0))
+            if bad is not None:
+                mixed &= ~bad
             if max_restarts is not None:  # past the limit: H = -I for good, plain steps from here on
                 plain = rows["restarts"] > max_restarts
                 if bool(plain.any()):
                     u[plain], v[plain] = 0, 0
-            rows["z"] = z
-            rows["mixed"] = (u[:, :used + 1] != 0).flatten(1).any(dim=1)  # the next step is quasi-Newton
+                    mixed &= ~plain
+            rows["z"], rows["mixed"] = z, mixed
         rows["g"] = g
         rows["step"] = g - _lowrank(u[:, :used + 1], v[:, :used + 1], g)  # -H g
         return z + rows["step"]
