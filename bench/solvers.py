@@ -198,7 +198,7 @@ class SolverSpec:
 SPECS = (
     SolverSpec("ours fixed_point_iter", "ours", "fixed_point_iter"),
     SolverSpec("ours anderson", "ours", "anderson"),
-    SolverSpec("ours anderson, max_restarts=0", "ours", "anderson", {"max_restarts": 0}),
+    SolverSpec("ours anderson restarts unlimited", "ours", "anderson", {"max_restarts": None}),
     SolverSpec("ours broyden", "ours", "broyden"),
     SolverSpec("torchdeq fixed_point_iter", "torchdeq", "fixed_point_iter"),
     SolverSpec("torchdeq anderson", "torchdeq", "anderson"),
