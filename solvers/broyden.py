@@ -67,19 +67,15 @@ def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 
         denom = (vt * y).sum(1, keepdim=True)  # s^T H y, (n, 1)
         eps = torch.finfo(z.dtype).eps
         ok = denom.abs() > eps * vt.norm(dim=1, keepdim=True) * y.norm(dim=1, keepdim=True)
+        if safeguard is not None and max_restarts is not None:
+            # past the limit: no more terms, so H stays -I (emptied at the rejection) and steps are plain
+            ok &= (rows["restarts"] <= max_restarts)[:, None]
         u[:, used] = torch.where(ok, (s - hy) / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
         v[:, used] = torch.where(ok, vt, 0.0)
         if safeguard is not None:
             # H != -I for the next step: this update was taken, or an earlier one still is in memory
-            mixed = ok.squeeze(1) | (rows["mixed"] & (used > 0))
-            if bad is not None:
-                mixed &= ~bad
-            if max_restarts is not None:  # past the limit: H = -I for good, plain steps from here on
-                plain = rows["restarts"] > max_restarts
-                if bool(plain.any()):
-                    u[plain], v[plain] = 0, 0
-                    mixed &= ~plain
-            rows["z"], rows["mixed"] = z, mixed
+            rows["mixed"] = ok.squeeze(1) | (rows["mixed"] & ~bad & (used > 0))
+            rows["z"] = z
         rows["g"] = g
         rows["step"] = g - _lowrank(u[:, :used + 1], v[:, :used + 1], g)  # -H g
         return z + rows["step"]
