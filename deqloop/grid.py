@@ -103,8 +103,9 @@ GRIDS = {
         iters=(16, 32, 64, 128), eval_n=800, diagnose_difficulties=(1, 3),
         diagnose={"n_inputs": 16},
         note="recall x {pre, outer}, 1500 steps of the default recipe (d_model 128 with bf16 training "
-             "steps where the CPU has native bf16, board-offset attention, the pair move head, loss along 16 unrolled iterations: "
-             "47.5% of mates in 1 at step 1200 and 52% at 1800 in the recipe's own 2400-step run); "
+             "steps where the CPU has native bf16, board-offset attention, the pair move head, loss "
+             "along 16 unrolled iterations: 47.5% of mates in 1 at step 1200 and 52% at 1800 in the "
+             "recipe's own 2400-step run); "
              "budgets to 8x the training depth; 800 test puzzles per mate depth (the test pool holds "
              "1092-3156); mate in 3, never trained on, is the headline"),
 }

@@ -471,7 +471,8 @@ def autocast_note(cfg: ModelConfig, device: torch.device) -> tuple[str, str] | N
                            "slower than float32; --autocast none or auto trains in float32 here")
     if cfg.autocast == "auto":
         if autocast_dtype("auto", device) is not None:
-            return ("note", f"autocast auto: training steps run the block's matmuls in bfloat16 (native on this {device.type})")
+            return ("note", "autocast auto: training steps run the block's matmuls in bfloat16 "
+                            f"(native on this {device.type})")
         return ("note", f"autocast auto: training in float32 (this {device.type} has no native bfloat16; "
                         "a step takes longer than on one that has)")
     return None

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -179,7 +180,8 @@ class Run:
         backward = self.solve_cfg.backward
         if backward not in ("ift", "phantom") or self.warned_unconverged:
             return
-        recent = [r["converged"] for r in self.metrics if r.get("kind") == "train"][-window:]
+        recent = list(itertools.islice((r["converged"] for r in reversed(self.metrics) if r.get("kind") == "train"),
+                                       window))  # the last `window` train rows, without a scan of the run
         if len(recent) == window and sum(recent) / window < below:
             self.warned_unconverged = True
             self.warn(f"step {self.step}: the forward solve reached tol on {100 * sum(recent) / window:.0f}% of the "

@@ -68,6 +68,15 @@ def check_safeguard(safeguard, max_restarts) -> None:
         raise ValueError(f"max_restarts must be an integer >= 0 or None, got {max_restarts!r}")
 
 
+def safeguard_rejects(rows: dict, g: Tensor, safeguard: float) -> Tensor:
+    """(n,) bool, the residual safeguard of anderson and broyden: the rows whose accelerated step
+    (rows["mixed"]) left a residual norm above `safeguard` times that of the iterate it started
+    from (rows["g"]), counted in rows["restarts"]. The solver sends them back to rows["z"]."""
+    bad = rows["mixed"] & (g.norm(dim=1) > safeguard * rows["g"].norm(dim=1))
+    rows["restarts"] += bad
+    return bad
+
+
 def after_plain_steps(step: Step, n: int) -> Step:
     """`step` after n plain steps z <- f(z): its history starts at the n-th iterate (a solver that
     accelerates from where plain iteration has already chosen its basin)."""

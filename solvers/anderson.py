@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from ._loop import LoopOptions, State, after_plain_steps, check_safeguard, iterate
+from ._loop import LoopOptions, State, after_plain_steps, check_safeguard, iterate, safeguard_rejects
 from .result import SolverResult
 
 if TYPE_CHECKING:
@@ -75,8 +75,7 @@ def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 
         torch.sub(z.view(n, nb, bs), z_prev.view(n, nb, bs), out=dz[:, :, slot])
         torch.sub(g.view(n, nb, bs), g_prev.view(n, nb, bs), out=dg[:, :, slot])
         if safeguard is not None:
-            bad = mixed & (g.norm(dim=1) > safeguard * g_prev.norm(dim=1))
-            rows["restarts"] += bad
+            bad = safeguard_rejects(rows, g, safeguard)
             if max_restarts is not None:  # past the limit: plain steps from here on
                 bad = bad | (rows["restarts"] > max_restarts)
             if bool(bad.any()):  # back to the previous z, history forgotten: the next step is the plain one

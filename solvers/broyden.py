@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from ._loop import LoopOptions, State, after_plain_steps, check_safeguard, iterate
+from ._loop import LoopOptions, State, after_plain_steps, check_safeguard, iterate, safeguard_rejects
 from .result import SolverResult
 
 if TYPE_CHECKING:
@@ -54,9 +54,8 @@ def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 
         used = (state.k - 1) % m  # rank-one terms in use before this update (a full memory restarts)
         bad = None
         if safeguard is not None:
-            bad = rows["mixed"] & (g.norm(dim=1) > safeguard * rows["g"].norm(dim=1))
+            bad = safeguard_rejects(rows, g, safeguard)
             if bool(bad.any()):  # back to the previous iterate with H = -I; y = 0 there skips the update
-                rows["restarts"] += bad
                 z = torch.where(bad[:, None], rows["z"], z)
                 g = torch.where(bad[:, None], rows["g"], g)
                 u[bad], v[bad] = 0, 0
