@@ -72,16 +72,24 @@ def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 
         dz, dg, gram, mixed = rows["dz"], rows["dg"], rows["gram"], rows["mixed"]
         z_prev, g_prev = rows["z"], rows["g"]
         slot = (state.k - 1) % m
-        torch.sub(z.view(n, nb, bs), z_prev.view(n, nb, bs), out=dz[:, :, slot])
-        torch.sub(g.view(n, nb, bs), g_prev.view(n, nb, bs), out=dg[:, :, slot])
+        retired = None  # rows rejected more than max_restarts times: plain steps from here on
         if safeguard is not None:
             bad = safeguard_rejects(rows, g, safeguard)
-            if max_restarts is not None:  # past the limit: plain steps from here on
-                bad = bad | (rows["restarts"] > max_restarts)
-            if bool(bad.any()):  # back to the previous z, history forgotten: the next step is the plain one
-                dz[bad], dg[bad], gram[bad] = 0, 0, 0
-                z = torch.where((bad & mixed)[:, None], z_prev, z)
-                g = torch.where((bad & mixed)[:, None], g_prev, g)
+            if max_restarts is None:
+                any_bad, all_retired = bool(bad.any()), False
+            else:
+                retired = rows["restarts"] > max_restarts
+                any_bad, all_retired = torch.stack((bad.any(), retired.all())).tolist()  # one host sync
+            if any_bad:  # back to the previous z (bad rows were mixed); a restart forgets the history
+                z = torch.where(bad[:, None], z_prev, z)
+                g = torch.where(bad[:, None], g_prev, g)
+                reset = bad if retired is None else bad & ~retired
+                dz[reset], dg[reset], gram[reset] = 0, 0, 0
+            if all_retired:  # nothing left to mix: the plain step, without the history's work
+                rows.update(z=z, g=g, mixed=torch.zeros_like(mixed))
+                return z + beta * g
+        torch.sub(z.view(n, nb, bs), z_prev.view(n, nb, bs), out=dz[:, :, slot])
+        torch.sub(g.view(n, nb, bs), g_prev.view(n, nb, bs), out=dg[:, :, slot])
         dgf, dzf = dg.view(n * nb, m, bs), dz.view(n * nb, m, bs)  # blocks as rows of one batched solve
         gb = g.view(n * nb, bs)
         row = torch.bmm(dgf, dgf[:, slot, :, None]).squeeze(2).double().view(n, nb, m)
@@ -91,7 +99,11 @@ def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 
         gamma = gamma.to(z.dtype)
         gamma_t = gamma.transpose(1, 2)  # (n nb, 1, m): two thin products, no (n, m, D) temporary
         mix = beta * (gb - torch.bmm(gamma_t, dgf).squeeze(1)) - torch.bmm(gamma_t, dzf).squeeze(1)
-        rows.update(z=z, g=g, mixed=(gamma.view(n, nb * m) != 0).any(dim=1))
+        was_mixed = (gamma.view(n, nb * m) != 0).any(dim=1)
+        if retired is not None:  # their history is stale, not cleared: masked instead of zeroed each step
+            mix = torch.where(retired.repeat_interleave(nb)[:, None], beta * gb, mix)
+            was_mixed &= ~retired
+        rows.update(z=z, g=g, mixed=was_mixed)
         return z + mix.view(n, d)
 
     return iterate(f, z0, after_plain_steps(step, warmup), solver="anderson", **options)

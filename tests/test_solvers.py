@@ -364,6 +364,38 @@ def test_guarded_broyden_goes_back_and_finishes_by_plain_steps():
     assert torch.equal(unguarded.trace[0, :k + 1], trace[:k + 1])  # the same solve until the rejection
 
 
+def test_guarded_anderson_rows_finish_by_plain_steps_after_their_rejection():
+    """anderson's default (safeguard 1, max_restarts 0) on a batch whose rows are rejected at
+    different steps: each row goes back one iterate at its rejection and takes plain steps
+    z <- f(z) from there, while the others still mix, and the solve is the unguarded one until
+    the first rejection."""
+    g = gen(0)
+    w = 2.0 * torch.randn(32, 32, generator=g, dtype=F64) / math.sqrt(32)  # far from a contraction
+    c = torch.randn(4, 32, generator=g, dtype=F64)
+    seen = []
+
+    def f(z):
+        seen.append(z.clone())
+        return torch.tanh(z @ w.T + c)
+
+    r = solve(f, torch.zeros(4, 32, dtype=F64), method="anderson", tol=1e-12, max_iter=60)
+    points = list(seen)  # f's calls below add to seen
+    assert len(points) == 60 and all(p.shape == (4, 32) for p in points)  # the whole batch at every step
+    firsts = []
+    for i in range(4):
+        trace = r.trace[i]
+        # its rejected point: the first mixed step (step 0 is plain) whose residual grew
+        k = next(j for j in range(2, len(trace)) if trace[j] > trace[j - 1])
+        firsts.append(k)
+        assert k > 2  # mixed steps were taken before it
+        assert torch.allclose(points[k + 1][i], f(points[k - 1])[i])  # back one iterate, then plain
+        assert all(torch.allclose(points[j + 1][i], f(points[j])[i]) for j in range(k + 1, len(points) - 1))
+    assert len(set(firsts)) > 1  # the rows were rejected at different steps
+    unguarded = solve(f, torch.zeros(4, 32, dtype=F64), method="anderson", tol=1e-12, max_iter=60, safeguard=None)
+    k0 = min(firsts)
+    assert torch.equal(unguarded.trace[:, :k0 + 1], r.trace[:, :k0 + 1])
+
+
 @pytest.mark.parametrize("bad, words", [({"block_size": 5}, "does not divide"), ({"block_size": 0}, "block_size"),
                                         ({"safeguard": 0}, "safeguard"), ({"safeguard": "x"}, "safeguard")])
 def test_anderson_bad_variant_options(bad, words):
