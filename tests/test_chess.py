@@ -560,9 +560,8 @@ def test_the_shipped_chess_model_finds_mates_in_human_games(capsys):
 
 
 def test_the_long_preset_is_the_shipped_models_recipe():
-    """`train --task chess --preset long` trains what deqloop/models/chess was trained with (the
-    default moved to bf16 training steps where native, autocast auto; the preset keeps the shipped
-    model's float32)."""
+    """`train --task chess --preset long` trains what deqloop/models/chess was trained with: the
+    default recipe (bf16 training steps where native, autocast auto) with more steps."""
     from deqloop.checkpoint import load_checkpoint
     from deqloop.model import task_configs
 
