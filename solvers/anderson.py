@@ -83,8 +83,7 @@ def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 
             if any_bad:  # back to the previous z (bad rows were mixed); a restart forgets the history
                 z = torch.where(bad[:, None], z_prev, z)
                 g = torch.where(bad[:, None], g_prev, g)
-                reset = bad if retired is None else bad & ~retired
-                dz[reset], dg[reset], gram[reset] = 0, 0, 0
+                dz[bad], dg[bad], gram[bad] = 0, 0, 0
             if all_retired:  # nothing left to mix: the plain step, without the history's work
                 rows.update(z=z, g=g, mixed=torch.zeros_like(mixed))
                 return z + beta * g
@@ -99,12 +98,12 @@ def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 
         gamma = gamma.to(z.dtype)
         gamma_t = gamma.transpose(1, 2)  # (n nb, 1, m): two thin products, no (n, m, D) temporary
         mix = beta * (gb - torch.bmm(gamma_t, dgf).squeeze(1)) - torch.bmm(gamma_t, dzf).squeeze(1)
-        was_mixed = (gamma.view(n, nb * m) != 0).any(dim=1)
+        mix, was_mixed = mix.view(n, d), (gamma.view(n, nb * m) != 0).any(dim=1)
         if retired is not None:  # their history is stale, not cleared: masked instead of zeroed each step
-            mix = torch.where(retired.repeat_interleave(nb)[:, None], beta * gb, mix)
+            mix = torch.where(retired[:, None], beta * g, mix)
             was_mixed &= ~retired
         rows.update(z=z, g=g, mixed=was_mixed)
-        return z + mix.view(n, d)
+        return z + mix
 
     return iterate(f, z0, after_plain_steps(step, warmup), solver="anderson", **options)
 
