@@ -95,31 +95,42 @@ def _local_unfold(self, h):
     return torch.einsum("bhtw,bhtew->bhte", (scores + self.rel_bias[:, None, :]).softmax(-1), v.unfold(2, w, 1))
 
 
+def _biased_sdpa(self, q, k, v):
+    """The relation-biased attention before 2026-12-03 (scaled_dot_product_attention with the bias
+    as an additive float mask), kept here only to measure the change side by side (--variants sdpa)."""
+    import torch.nn.functional as F
+
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=self._relation_mask(q.shape[2]))
+
+
 def measure_recipe(task_name: str, preset: str | None, steps: int, peak: float, variant: str = "eager",
                    flops: int | None = None) -> dict:
     """One recipe in one variant: eager (the code as it is), compile (train --compile), bf16
-    (--autocast bf16), unfold (eager with the old local attention), jac (--jac-reg, one vector),
-    rho (--rho-reg). `flops`: the count to use (the eager step's: the other variants do the same
+    (--autocast bf16), unfold (eager with the old local attention), sdpa (eager with the old
+    relation-biased attention), jac (--jac-reg, one vector), rho (--rho-reg). `flops`: the count to use (the eager step's: the other variants do the same
     arithmetic; for jac and rho, the eager step's, so their fraction of peak reads as a slowdown)."""
     from deqloop import model as model_module
     from deqloop.train import train_step
 
-    if variant == "unfold" and get_window(task_name, preset) is None:
+    model_cfg = get_model_config(task_name, preset)
+    if (variant == "unfold" and model_cfg.window is None) or (variant == "sdpa" and model_cfg.relations is None):
         return {}
-    saved = model_module.Attention._local
+    saved = model_module.Attention._local, model_module.Attention._biased
     if variant == "unfold":
         model_module.Attention._local = _local_unfold
+    if variant == "sdpa":
+        model_module.Attention._biased = _biased_sdpa
     try:
         return _measure(task_name, preset, steps, peak, variant, flops, train_step)
     finally:
-        model_module.Attention._local = saved
+        model_module.Attention._local, model_module.Attention._biased = saved
 
 
-def get_window(task_name: str, preset: str | None):
+def get_model_config(task_name: str, preset: str | None):
     from deqloop.model import task_configs
     from tasks import get_task
 
-    return task_configs(get_task(task_name), preset=preset)[0].window
+    return task_configs(get_task(task_name), preset=preset)[0]
 
 
 # variants that change the recipe's configs: (ModelConfig fields, TrainConfig fields) over it;
@@ -198,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="default", help="comma-separated; 'default' is the task's own recipe")
     p.add_argument("--variants", default="eager",
                    help="comma-separated: eager, compile (train --compile), bf16 (--autocast bf16), unfold (the old "
-                        "local attention), jac (--jac-reg 1, one vector), rho (--rho-reg 1)")
+                        "local attention), sdpa (the old relation attention), jac (--jac-reg 1, one vector), rho (--rho-reg 1)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per recipe (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number here")

@@ -224,6 +224,7 @@ class Attention(nn.Module):
             # a buffer, not state: rebuilt from the config, so old checkpoints stay loadable
             self.register_buffer("relation_ids", ids.clamp_min(0), persistent=False)
             self.register_buffer("relation_mask", ids < 0, persistent=False)
+            self.has_masked = bool((ids < 0).any())  # sudoku_peers masks non-peers; board8 masks nothing
             self.relation_bias = nn.Parameter(torch.zeros(cfg.n_heads, n_relations))
         if cfg.window is not None:
             # offsets -left .. +right relative to the query position
@@ -236,22 +237,32 @@ class Attention(nn.Module):
             self.boundary = nn.Parameter(0.02 * torch.randn(cfg.d_model))
 
     def forward(self, h: Tensor) -> Tensor:
-        if self.window is None:
-            q, k, v = rearrange(self.qkv(h), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=self._relation_mask(h.shape[1]),
-                                               is_causal=self.causal)
-        else:
+        if self.window is not None:
             y = self._local(h)
+        else:
+            q, k, v = rearrange(self.qkv(h), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
+            if self.relation_bias is None:
+                y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+            else:
+                y = self._biased(q, k, v)
         return self.out(rearrange(y, "b h t e -> b t (h e)"))
 
-    def _relation_mask(self, t: int) -> Tensor | None:
+    def _relation_mask(self, t: int) -> Tensor:
         """The additive attention bias (H, T, T) of the relation scheme, -inf where masked out."""
-        if self.relation_bias is None:
-            return None
         if t != self.relation_ids.shape[0]:
             raise InputError(f"input length {t} does not fit the {self.relation_ids.shape[0]}-position relation scheme")
         bias = self.relation_bias[:, self.relation_ids]  # (H, T, T)
-        return bias.masked_fill(self.relation_mask, float("-inf"))
+        return bias.masked_fill(self.relation_mask, float("-inf")) if self.has_masked else bias
+
+    def _biased(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """softmax(q k^T / sqrt(E) + bias) v, written out. scaled_dot_product_attention with a bias
+        that needs a gradient takes its math path on CPU, whose fully-masked-row checks (isneginf,
+        all, where over the (B, H, T, T) scores) and float32 round trips under bf16 autocast were a
+        quarter of a chess training step; here the scores stay in the matmul's dtype (the bias is
+        cast to it), and the 4x smaller q is scaled instead of the scores (bench/throughput.py)."""
+        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+        scores = scores + self._relation_mask(q.shape[2]).to(scores.dtype)  # relations are never causal
+        return scores.softmax(-1) @ v
 
     def _local(self, h: Tensor) -> Tensor:
         b, t, d = h.shape
