@@ -38,6 +38,7 @@ from deqloop.cli_args import (budget_arg, check_outputs, difficulty_list, int_li
 from deqloop.cli_config import (CONFIGS, FLAG_HELP, SET_BY_TASK, TRAIN_FLAGS, config_json, default,  # noqa: F401
                                 recipe_text, train_configs)
 from deqloop.model import SolveConfig
+from deqloop.run import eval_score
 from deqloop.errors import USER_ERRORS, UsageError
 from deqloop.io import progress_bar, resolve_device, write_json
 from deqloop.train import RUN_CONTROL, Interrupted, TrainConfig, train
@@ -146,6 +147,11 @@ def print_run_summary(path: Path, cfg: TrainConfig) -> None:
         budgets = evals[-1].get("max_iter", {})
         text += ("test accuracy (difficulty @ budget): " + ", ".join(
             f"{d} @ {budgets.get(d, '?')}: {a:.1%}" for d, a in evals[-1]["acc"].items() if a is not None) + "\n")
+        best = [r for r in evals if r.get("best")]
+        if best and (out / "best.pt").exists():
+            where = "the last evaluation" if best[-1] is evals[-1] else f"the last is {eval_score(evals[-1]):.1%}"
+            text += (f"best evaluation: step {best[-1]['step']}, mean test accuracy {eval_score(best[-1]):.1%} "
+                     f"({where}), in {out / 'best.pt'}\n")
     prog = program_name()
     text += (f"next: {prog} eval {path}    (accuracy against difficulty and iterations)\n"
              f"      {prog} diagnose {path}    (reachability, input-dependence, geometry)\n"

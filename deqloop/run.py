@@ -1,6 +1,9 @@
 """A training run's directory and output: what `deqloop.train.train` writes and prints.
 
     out_dir/checkpoint.pt   atomic, every ckpt_every steps and at the end (deqloop.checkpoint)
+    out_dir/best.pt         the same kind of file, at the periodic evaluation with the highest mean
+                            accuracy so far (replaced only by a strictly better one, also across
+                            --resume): a run that collapses late keeps its best weights
     out_dir/metrics.jsonl   a train row every log_every steps, an eval row every eval_every
     out_dir/config.json     the three configs (train --config reads it back)
     out_dir/.train.lock     held while the run lives: a second training of the directory is refused
@@ -45,6 +48,8 @@ class Run:
         self.model, self.optimizer = model, optimizer
         self.out_dir = Path(cfg.out_dir)
         self.ckpt_path = self.out_dir / "checkpoint.pt"
+        self.best_path = self.out_dir / "best.pt"
+        self.best_score: float | None = None  # eval_score of the evaluation best.pt holds
         self.metrics_path = self.out_dir / "metrics.jsonl"
         self.step, self.metrics, self.adjoint_failures = 0, [], 0
         self.warned_unconverged = False  # the forward-solve warning of implicit gradients, once a run
@@ -71,8 +76,11 @@ class Run:
                 print(f"warning: the checkpoint was trained by {ckpt['world_size']} processes, now "
                       f"{self.procs.world_size}: the data of the remaining steps differs from the uninterrupted run")
             self.metrics.append({"kind": "resume", "step": self.step, "world_size": self.procs.world_size})
-        elif self.ckpt_path.exists():
-            raise FileExistsError(f"{self.ckpt_path} exists; resume it (--resume) or choose another --out-dir")
+            self.best_score = saved_best_score(self.best_path)
+        else:
+            for path in (self.ckpt_path, self.best_path):
+                if path.exists():
+                    raise FileExistsError(f"{path} exists; resume it (--resume) or choose another --out-dir")
         if master:
             # metrics.jsonl restarts from the checkpoint's rows: rows a killed run wrote after its
             # last checkpoint are dropped, since those steps are repeated.
@@ -137,15 +145,20 @@ class Run:
             if key != "n" and not key.startswith("by_"):  # breakdowns: the eval command
                 row[key] = {d: c[key] for d, c in cells.items()}
         row["max_iter"] = {str(d): k for d, k in self.eval_iters.items()}
+        score = eval_score(row)
+        better = score is not None and (self.best_score is None or score > self.best_score)
+        if better:
+            row["best"] = True
         self.log(row)
+        if better:  # after log: best.pt's metrics end with this row, which is how a resume reads its score
+            self._save(self.best_path)
+            self.best_score = score
         if self.progress.console.is_terminal:
             self.progress.console.print(f"step {self.step}: eval acc " + "  ".join(
-                f"{d}: {a:.3f}" for d, a in row["acc"].items()))
+                f"{d}: {a:.3f}" for d, a in row["acc"].items()) + ("  (best so far: best.pt)" if better else ""))
 
     def save(self) -> None:
-        save_checkpoint(self.ckpt_path, model=self.model, optimizer=self.optimizer, step=self.step,
-                        task=self.cfg.task, model_cfg=self.model_cfg, solve_cfg=self.solve_cfg,
-                        train_cfg=self.cfg.to_dict(), metrics=self.metrics, world_size=self.procs.world_size)
+        self._save(self.ckpt_path)
         if self.cfg.keep_checkpoints:
             kept = self.out_dir / f"checkpoint_step{self.step}.pt"
             kept.unlink(missing_ok=True)
@@ -153,6 +166,11 @@ class Run:
                 os.link(self.ckpt_path, kept)  # the next save replaces checkpoint.pt, not this file
             except OSError:
                 shutil.copyfile(self.ckpt_path, kept)
+
+    def _save(self, path: Path) -> None:
+        save_checkpoint(path, model=self.model, optimizer=self.optimizer, step=self.step,
+                        task=self.cfg.task, model_cfg=self.model_cfg, solve_cfg=self.solve_cfg,
+                        train_cfg=self.cfg.to_dict(), metrics=self.metrics, world_size=self.procs.world_size)
 
     def log(self, row: dict) -> None:
         row = strict_json(row)
@@ -204,6 +222,29 @@ class Run:
             self.progress.stop()
 
 
+def eval_score(row: dict) -> float | None:
+    """What best.pt is chosen by: an eval row's exact accuracy, averaged over its test difficulties
+    (those with a value); None if it has none. These are the periodic evaluation's test examples,
+    so best.pt's accuracy on them is optimistic by the choice; a figure to publish comes from
+    `eval` at a fixed step (the recipes' documented results are the final checkpoint.pt's)."""
+    accs = [a for a in row.get("acc", {}).values() if a is not None]
+    return sum(accs) / len(accs) if accs else None
+
+
+def saved_best_score(path: Path) -> float | None:
+    """The eval_score best.pt was saved for (its last eval row), or None without a usable best.pt:
+    a damaged one is replaced by the next evaluation rather than stopping the resume."""
+    if not path.exists():
+        return None
+    try:
+        rows = load_checkpoint(path)["metrics"]
+    except CheckpointError as e:
+        print(f"warning: {e}; the next evaluation replaces it", file=sys.stderr)
+        return None
+    evals = [r for r in rows if r.get("kind") == "eval"]
+    return eval_score(evals[-1]) if evals else None
+
+
 def open_tensorboard(path: Path):
     """A SummaryWriter on `path`; ConfigError (one line) if the tensorboard package is missing."""
     try:
@@ -239,5 +280,6 @@ def row_line(row: dict, steps: int) -> str:
         return line + ("  " + "  ".join(extra) if extra else "")
     if row.get("kind") == "eval":
         return f"step {row['step']} eval acc: " + ", ".join(
-            f"{d} {num(a, '.3f')} (@{row.get('max_iter', {}).get(d, '?')})" for d, a in row["acc"].items())
+            f"{d} {num(a, '.3f')} (@{row.get('max_iter', {}).get(d, '?')})" for d, a in row["acc"].items()) + (
+            "  (best so far: best.pt)" if row.get("best") else "")
     return json.dumps(row)

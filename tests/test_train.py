@@ -188,6 +188,46 @@ def test_existing_checkpoint_is_not_overwritten(tmp_path, uninterrupted):
         train(toy_train(tmp_path), toy_model(), RESUME_SOLVE)
 
 
+def scripted_evaluations(monkeypatch, accuracies):
+    """The periodic evaluation returns these exact accuracies, one per call, in order; the weights
+    stay the real ones, so which file holds which step is what the test reads."""
+    scores = iter(accuracies)
+    monkeypatch.setattr("deqloop.run.evaluate", lambda *a, **k: {"acc": next(scores), "n": 16})
+
+
+def test_best_checkpoint_survives_a_late_collapse(tmp_path, monkeypatch):
+    """best.pt holds the evaluation with the highest accuracy; an equal or worse one later never
+    replaces it, while checkpoint.pt follows the last step."""
+    scripted_evaluations(monkeypatch, [0.5, 0.9, 0.2, 0.9])
+    train(toy_train(tmp_path, steps=8, eval_every=2, ckpt_every=2, keep_checkpoints=True), toy_model(), RESUME_SOLVE)
+    assert [r.get("best", False) for r in rows(tmp_path, "eval")] == [True, True, False, False]
+    best = load_checkpoint(tmp_path / "best.pt")
+    assert best["step"] == 4 and load_checkpoint(tmp_path / "checkpoint.pt")["step"] == 8
+    same_weights(tmp_path / "best.pt", tmp_path / "checkpoint_step4.pt")
+    assert [r["acc"] for r in best["metrics"] if r["kind"] == "eval"][-1] == {str(BITS): 0.9}
+
+
+def test_a_resumed_run_keeps_a_best_checkpoint_saved_after_its_last_checkpoint(tmp_path, monkeypatch):
+    """Killed after best.pt was written at step 4 but before checkpoint.pt passed step 2: the
+    resumed run repeats steps 3-4, and an evaluation worse than best.pt's (as one may be off CPU)
+    must not replace it, though it is better than anything in checkpoint.pt's metrics."""
+    first = tmp_path / "first"
+    scripted_evaluations(monkeypatch, [0.5, 0.9])
+    train(toy_train(first, steps=4, eval_every=2, ckpt_every=2, keep_checkpoints=True), toy_model(), RESUME_SOLVE)
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    shutil.copy(first / "checkpoint_step2.pt", killed / "checkpoint.pt")
+    shutil.copy(first / "best.pt", killed / "best.pt")
+    scripted_evaluations(monkeypatch, [0.7, 0.95])
+    train(toy_train(killed, steps=6, eval_every=2, ckpt_every=2), toy_model(), RESUME_SOLVE, resume=True)
+    assert [(r["step"], r.get("best", False)) for r in rows(killed, "eval")] == [(2, True), (4, False), (6, True)]
+    assert load_checkpoint(killed / "best.pt")["step"] == 6  # 0.95 beats the 0.9 saved before the kill
+    # a fresh run into a directory that holds only a best.pt is refused, like one with a checkpoint
+    (killed / "checkpoint.pt").unlink()
+    with pytest.raises(FileExistsError, match="best.pt exists"):
+        train(toy_train(killed), toy_model(), RESUME_SOLVE)
+
+
 def test_bad_train_config():
     with pytest.raises(ValueError, match="steps"):
         TrainConfig(task="prefix_sums", steps=0)
