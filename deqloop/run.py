@@ -76,7 +76,7 @@ class Run:
                 print(f"warning: the checkpoint was trained by {ckpt['world_size']} processes, now "
                       f"{self.procs.world_size}: the data of the remaining steps differs from the uninterrupted run")
             self.metrics.append({"kind": "resume", "step": self.step, "world_size": self.procs.world_size})
-            self.best_score = saved_best_score(self.best_path)
+            self.best_score = saved_best_score(self.best_path) if master else None  # only the master evaluates
         else:
             for path in (self.ckpt_path, self.best_path):
                 if path.exists():
