@@ -100,7 +100,8 @@ def _biased_sdpa(self, q, k, v):
     as an additive float mask), kept here only to measure the change side by side (--variants sdpa)."""
     import torch.nn.functional as F
 
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=self._relation_mask(q.shape[2]))
+    # q comes scaled by 1/sqrt(E) (Attention._scaled_qkv), so SDPA's own scale is 1 here
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=self._relation_mask(q.shape[2]), scale=1.0)
 
 
 def measure_recipe(task_name: str, preset: str | None, steps: int, peak: float, variant: str = "eager",

@@ -19,7 +19,6 @@ Positions, three ways:
 from __future__ import annotations
 
 import functools
-import math
 import numbers
 import types
 import typing
@@ -218,6 +217,11 @@ class Attention(nn.Module):
         self.n_heads, self.window, self.causal = cfg.n_heads, cfg.window, cfg.causal
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.out = nn.Linear(cfg.d_model, cfg.d_model)
+        # 1/sqrt(E) on q's rows of the qkv weight and bias: q comes out scaled for the written-out
+        # attentions (_biased, _local), a 3d x d product instead of a (B, H, T, E) one each way
+        scale = torch.ones(3 * cfg.d_model)
+        scale[: cfg.d_model] = (cfg.d_model // cfg.n_heads) ** -0.5
+        self.register_buffer("q_scale", scale, persistent=False)
         self.relation_bias = None
         if cfg.relations is not None:
             ids, n_relations = RELATIONS[cfg.relations]()
@@ -240,12 +244,17 @@ class Attention(nn.Module):
         if self.window is not None:
             y = self._local(h)
         else:
-            q, k, v = rearrange(self.qkv(h), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
             if self.relation_bias is None:
+                q, k, v = rearrange(self.qkv(h), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
             else:
-                y = self._biased(q, k, v)
+                y = self._biased(*self._scaled_qkv(h))
         return self.out(rearrange(y, "b h t e -> b t (h e)"))
+
+    def _scaled_qkv(self, h: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q / sqrt(E), k, v (B, H, T, E) of h: the scale applied to q's weight rows and bias."""
+        qkv = F.linear(h, self.qkv.weight * self.q_scale[:, None], self.qkv.bias * self.q_scale)
+        return rearrange(qkv, "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
 
     def _relation_mask(self, t: int) -> Tensor:
         """The additive attention bias (H, T, T) of the relation scheme, -inf where masked out."""
@@ -255,12 +264,12 @@ class Attention(nn.Module):
         return bias.masked_fill(self.relation_mask, float("-inf")) if self.has_masked else bias
 
     def _biased(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        """softmax(q k^T / sqrt(E) + bias) v, written out. scaled_dot_product_attention with a bias
-        that needs a gradient takes its math path on CPU, whose fully-masked-row checks (isneginf,
-        all, where over the (B, H, T, T) scores) and float32 round trips under bf16 autocast were a
-        quarter of a chess training step; here the scores stay in the matmul's dtype (the bias is
-        cast to it), and the 4x smaller q is scaled instead of the scores (bench/throughput.py)."""
-        scores = (q * q.shape[-1] ** -0.5) @ k.transpose(-1, -2)
+        """softmax(q k^T + bias) v for q already scaled by 1/sqrt(E) (_scaled_qkv), written out.
+        scaled_dot_product_attention with a bias that needs a gradient takes its math path on CPU,
+        whose fully-masked-row checks (isneginf, all, where over the (B, H, T, T) scores) and
+        float32 round trips under bf16 autocast were a quarter of a chess training step; here the
+        scores stay in the matmul's dtype (the bias is cast to it) (bench/throughput.py)."""
+        scores = q @ k.transpose(-1, -2)
         scores = scores + self._relation_mask(q.shape[2]).to(scores.dtype)  # relations are never causal
         return scores.softmax(-1) @ v
 
@@ -269,8 +278,8 @@ class Attention(nn.Module):
         w = self.left + self.right + 1
         edge = self.boundary.expand(b, 1, d)
         h_pad = torch.cat([edge.expand(b, self.left, d), h, edge.expand(b, self.right, d)], dim=1)
-        q, k, v = rearrange(self.qkv(h_pad), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
-        q = q[:, :, self.left: self.left + t] / math.sqrt(q.shape[-1])  # (B, H, T, E): real positions only
+        q, k, v = self._scaled_qkv(h_pad)
+        q = q[:, :, self.left: self.left + t]  # (B, H, T, E): real positions only, scaled by 1/sqrt(E)
         # one shifted slice of the keys / values per window offset o: query i sees padded key i + o.
         # Views, not copies: 2x faster than unfolding (B, H, T, E, W) windows (bench/throughput.py).
         scores = torch.stack([(q * k[:, :, o: o + t]).sum(-1) for o in range(w)], dim=-1)
@@ -300,22 +309,27 @@ class LoopBlock(nn.Module):
         elif cfg.cell_norm == "weight":
             apply_weight_norm(self)
 
-    def forward(self, z: Tensor, x: Tensor, rows: Tensor | None = None) -> Tensor:  # (B, T, d) x2 -> (B, T, d)
-        """rows: which samples of the solve z and x are (a solver's active sub-batch), for dropout."""
+    def forward(self, z: Tensor, x: Tensor, rows: Tensor | None = None,
+                injected: Tensor | None = None) -> Tensor:  # (B, T, d) x2 -> (B, T, d)
+        """rows: which samples of the solve z and x are (a solver's active sub-batch), for dropout.
+        injected: P x (`self.inject(x)`) computed once for the solve, so the iterations do not
+        recompute it (LoopedTransformer.cell); None computes it here."""
         if self.cell_norm:  # the normalized weights from their parameters, fresh at every call (cheap)
             reset_norm(self, power=False)
         attn = lambda h: self._drop(self.drop_attn, self.attn(h), rows)
         mlp = lambda h: self._drop(self.drop_mlp, self.mlp(h), rows)
-        h = z + self.inject(x) if self.recall == "standard" else z
+        if self.recall != "none" and injected is None:
+            injected = self.inject(x)
+        h = z + injected if self.recall == "standard" else z
         if self.norm == "post":
             h = self.ln1(h + attn(h))
             if self.recall == "internal":
-                h = h + self.inject(x)
+                h = h + injected
             return self.ln2(h + mlp(h))
         # pre, outer, none: pre-norm sublayers (identity norms for none)
         h = h + attn(self.ln1(h))
         if self.recall == "internal":
-            h = h + self.inject(x)
+            h = h + injected
         h = h + mlp(self.ln2(h))
         return self.ln_out(h)  # outer normalization of the loop state
 
@@ -368,8 +382,9 @@ class LoopedTransformer(nn.Module):
             x = x + self.pos[: tokens.shape[1]]
         return x
 
-    def f(self, z: Tensor, x: Tensor, rows: Tensor | None = None) -> Tensor:
-        """One iteration of the loop: z_{k+1} = f(z_k, x) (rows: the samples of a sub-batch)."""
+    def f(self, z: Tensor, x: Tensor, rows: Tensor | None = None, injected: Tensor | None = None) -> Tensor:
+        """One iteration of the loop: z_{k+1} = f(z_k, x) (rows: the samples of a sub-batch;
+        injected: `self.injection(x)` of the same grad mode, to reuse it across iterations)."""
         # Compilation and bf16 apply to training steps only: no-grad iterations stay eager (no
         # recompiles for sub-batch shapes) and float32 (a bf16 solve never meets a 1e-3 tolerance,
         # its rounding is ~1e-2, while float32 solves of the same weights converge: docs/TRAINING.md)
@@ -377,9 +392,23 @@ class LoopedTransformer(nn.Module):
         block = self.compiled_block if training_step and self.compiled_block is not None else self.block
         dtype = autocast_dtype(self.cfg.autocast, z.device) if training_step else None
         if dtype is None:
-            return block(z, x, rows)
+            return block(z, x, rows, injected)
         with torch.autocast(z.device.type, dtype=dtype):
-            return block(z, x, rows).to(z.dtype)
+            return block(z, x, rows, injected).to(z.dtype)
+
+    def injection(self, x: Tensor) -> Tensor | None:
+        """The recall term P x that every iteration adds (None without recall), computed as `f`
+        would under the current grad mode (a bf16 matmul in an autocast training step) and held in
+        x's dtype, so the gradients the iterations send it add up in float32, not in bf16."""
+        if self.block.inject is None:
+            return None
+        if self.block.cell_norm:  # P's normalized weight from its parameters now, as the block's forward does
+            reset_norm(self.block.inject, power=False)
+        dtype = autocast_dtype(self.cfg.autocast, x.device) if self.training and torch.is_grad_enabled() else None
+        if dtype is None:
+            return self.block.inject(x)
+        with torch.autocast(x.device.type, dtype=dtype):
+            return self.block.inject(x).to(x.dtype)
 
     def z_init(self, x: Tensor) -> Tensor:
         if self.cfg.z0 == "zeros":
@@ -390,11 +419,24 @@ class LoopedTransformer(nn.Module):
         return torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
 
     def cell(self, x: Tensor):
-        """f(., x) as a solver sees it: (B, T, d) -> (B, T, d), or on a sub-batch `idx`."""
+        """f(., x) as a solver sees it: (B, T, d) -> (B, T, d), or on a sub-batch `idx`.
+
+        P x, the same at every iteration, is computed once per grad mode and train / eval mode
+        (a solve runs its no-gradient and its differentiated iterations in different precisions)
+        and reused, which saves a d x d matmul per iteration, forward and backward. A cell belongs
+        to one solve: build a new one after the weights change."""
+        injections: dict[tuple[bool, bool], Tensor | None] = {}
+
         def f(z: Tensor, idx: Tensor | None = None) -> Tensor:
             if idx is not None and idx.numel() == x.shape[0]:
                 idx = None  # every sample active (the loop's rows stay in order): no gather of x
-            return self.f(z, x if idx is None else x[idx], idx)
+            key = (self.training, torch.is_grad_enabled())
+            if key not in injections:
+                injections[key] = self.injection(x)
+            u = injections[key]
+            if idx is not None:
+                x_rows, u = x[idx], None if u is None else u[idx]
+            return self.f(z, x if idx is None else x_rows, idx, u)
 
         return f
 

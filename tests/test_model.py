@@ -370,3 +370,36 @@ def test_autocast_auto_is_bf16_only_where_native(monkeypatch):
     assert not torch.equal(plain.f(x, x), half.f(x, x))  # the two cases really differ
     assert model_module.autocast_dtype("auto", torch.device("meta")) is None
     assert model_module.autocast_dtype(None, torch.device("cpu")) is None
+
+
+@pytest.mark.parametrize("recall, autocast", [("standard", None), ("internal", None), ("standard", "bf16")])
+def test_cell_computes_the_recall_term_once_per_grad_mode(recall, autocast):
+    """cell(x) reuses P x across iterations: the same iterates and gradients as f(z, x), which
+    recomputes it, on the whole batch and on a sub-batch, and P x computed once per grad mode."""
+    model = toy(recall=recall, autocast=autocast)
+    model.train()
+    calls = []
+    model.block.inject.register_forward_hook(lambda *_: calls.append(torch.is_grad_enabled()))
+    x0, z0 = rand(4, 6, 16, seed=1), rand(4, 6, 16, seed=2)
+    idx = torch.tensor([0, 2])
+    results = []
+    for cached in (True, False):
+        x = x0.clone().requires_grad_()
+        calls.clear()
+        cell = model.cell(x)
+        f = cell if cached else (lambda z, rows=None: model.f(z, x if rows is None else x[rows], rows))
+        with torch.no_grad():
+            z = f(f(z0))
+            sub = f(z[idx], idx)
+        z1 = f(f(z))  # two differentiated iterations
+        z_sub = f(z1[idx], idx)
+        loss = (z1 * rand(4, 6, 16, seed=3)).sum() + z_sub.square().sum()
+        grads = torch.autograd.grad(loss, (x, model.block.inject.weight))
+        results.append((z, sub, z1.detach(), z_sub.detach(), *grads))
+        if cached:
+            assert calls == [False, True]  # once without gradient, once with: not at each of 6 iterations
+    for i, (ours, ref) in enumerate(zip(*results)):
+        if autocast and i >= 4:  # the gradients: summed in float32 once, not cast to bf16 per iteration
+            torch.testing.assert_close(ours, ref, rtol=0.01, atol=0.01 * float(ref.abs().max()))
+        else:  # the iterates: the same numbers
+            torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
