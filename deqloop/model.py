@@ -390,7 +390,7 @@ class LoopedTransformer(nn.Module):
         # its rounding is ~1e-2, while float32 solves of the same weights converge: docs/TRAINING.md)
         training_step = self.training and torch.is_grad_enabled()
         block = self.compiled_block if training_step and self.compiled_block is not None else self.block
-        dtype = autocast_dtype(self.cfg.autocast, z.device) if training_step else None
+        dtype = self._step_dtype(z.device)
         if dtype is None:
             return block(z, x, rows, injected)
         with torch.autocast(z.device.type, dtype=dtype):
@@ -404,11 +404,15 @@ class LoopedTransformer(nn.Module):
             return None
         if self.block.cell_norm:  # P's normalized weight from its parameters now, as the block's forward does
             reset_norm(self.block.inject, power=False)
-        dtype = autocast_dtype(self.cfg.autocast, x.device) if self.training and torch.is_grad_enabled() else None
+        dtype = self._step_dtype(x.device)
         if dtype is None:
             return self.block.inject(x)
         with torch.autocast(x.device.type, dtype=dtype):
             return self.block.inject(x).to(x.dtype)
+
+    def _step_dtype(self, device: torch.device) -> torch.dtype | None:
+        """The autocast dtype of a training step's block under the current grad mode (None: float32)."""
+        return autocast_dtype(self.cfg.autocast, device) if self.training and torch.is_grad_enabled() else None
 
     def z_init(self, x: Tensor) -> Tensor:
         if self.cfg.z0 == "zeros":
@@ -434,9 +438,9 @@ class LoopedTransformer(nn.Module):
             if key not in injections:
                 injections[key] = self.injection(x)
             u = injections[key]
-            if idx is not None:
-                x_rows, u = x[idx], None if u is None else u[idx]
-            return self.f(z, x if idx is None else x_rows, idx, u)
+            if idx is None:
+                return self.f(z, x, None, u)
+            return self.f(z, x[idx], idx, None if u is None else u[idx])
 
         return f
 
