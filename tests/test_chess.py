@@ -571,6 +571,7 @@ def test_the_long_preset_is_the_shipped_models_recipe():
     recipe = Chess.recipe("long")["train"]
     saved = {k: ckpt["train_config"][k] for k in recipe}
     assert {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()} == recipe
-    assert {k: ckpt["solve_config"][k] for k in Chess.solve_defaults} == Chess.solve_defaults
+    solve_recipe = Chess.recipe("long")["solve"]
+    assert {k: ckpt["solve_config"][k] for k in solve_recipe} == solve_recipe
     default_cfg, _ = task_configs(Chess)
     assert default_cfg.autocast == "auto" and default_cfg.d_model == 128
