@@ -71,10 +71,38 @@ def check_safeguard(safeguard, max_restarts) -> None:
 def safeguard_rejects(rows: dict, g: Tensor, safeguard: float) -> Tensor:
     """(n,) bool, the residual safeguard of anderson and broyden: the rows whose accelerated step
     (rows["mixed"]) left a residual norm above `safeguard` times that of the iterate it started
-    from (rows["g"]), counted in rows["restarts"]. The solver sends them back to rows["z"]."""
-    bad = rows["mixed"] & (g.norm(dim=1) > safeguard * rows["g"].norm(dim=1))
+    from (rows["g"]), counted in rows["restarts"]. The solver sends them back to rows["z"] and
+    keeps rows["g"] for them; rows["g_norm"] holds the norm of the residual each row keeps, so
+    it is not taken again on the next step."""
+    g_norm = g.norm(dim=1)
+    prev = rows["g_norm"] if "g_norm" in rows else rows["g"].norm(dim=1)
+    bad = rows["mixed"] & (g_norm > safeguard * prev)
     rows["restarts"] += bad
+    rows["g_norm"] = torch.where(bad, prev, g_norm)
     return bad
+
+
+def where_rows(mask: Tensor, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
+    """torch.where(mask[:, None], a, b) for an (n,) bool mask and (n, D) a, b, into `out` (which
+    may be b) or a new tensor.
+
+    On a CPU, where with a broadcast (n, 1) mask runs several times slower than a copy (an
+    (64, 4096) float32 pair: about 600 against 75 us), and the solvers take it once or twice an
+    evaluation; so there the rows `mask` selects are copied over (which reads the mask on the
+    host, free on a CPU). Elsewhere it is torch.where, without a host sync."""
+    if a.device.type != "cpu":
+        return torch.where(mask[:, None], a, b, out=out)
+    n_true = int(mask.sum())
+    if n_true == mask.numel():
+        return a.clone() if out is None else out.copy_(a)
+    if out is None:
+        out = b.clone()
+    elif out is not b:
+        out.copy_(b)
+    if n_true:
+        idx = mask.nonzero().squeeze(1)
+        out.index_copy_(0, idx, a.index_select(0, idx))
+    return out
 
 
 def after_plain_steps(step: Step, n: int) -> Step:
@@ -113,8 +141,9 @@ def iterate(f: Callable[..., Tensor], z0: Tensor, step: Step, *, solver: str, **
         if loop.done:
             return loop.result()
         if keep is not None:
-            z, fz, g = z[keep], fz[keep], g[keep]
-            state.rows = {name: row[keep] for name, row in state.rows.items()}
+            # index_select, not row[keep]: 3-4x faster on a CPU for the (n, m, D) histories
+            z, fz, g = (t.index_select(0, keep) for t in (z, fz, g))
+            state.rows = {name: row.index_select(0, keep) for name, row in state.rows.items()}
         z = step(z, fz, g, state)
         state.k += 1
 
@@ -241,15 +270,16 @@ class Loop:
             self.abs0[act] = abs_res
         better = res < self.best[act]  # nan compares False
         if full:
-            torch.where(better[:, None], z, self.best_z, out=self.best_z)
+            where_rows(better, z, self.best_z, out=self.best_z)
             for best, new in ((self.best, res), (self.best_abs, abs_res), (self.best_rel, rel_res)):
                 torch.where(better, new, best, out=best)
         else:
-            upd = act[better]
-            self.best_z[upd] = z[better]
-            self.best[upd] = res[better]
-            self.best_abs[upd] = abs_res[better]
-            self.best_rel[upd] = rel_res[better]
+            got_better = better.nonzero().squeeze(1)
+            upd = act[got_better]
+            self.best_z.index_copy_(0, upd, z.index_select(0, got_better))
+            self.best[upd] = res[got_better]
+            self.best_abs[upd] = abs_res[got_better]
+            self.best_rel[upd] = rel_res[got_better]
 
         nonfinite = ~(torch.isfinite(abs_res) & torch.isfinite(fz_norm))
         scale = self.scale[act]
@@ -279,7 +309,7 @@ class Loop:
         keep = (~stop).nonzero().squeeze(1)
         if self._full is not None:
             gone = self.active[stop]
-            self._full[gone] = self.best_z[gone]
+            self._full.index_copy_(0, gone, self.best_z.index_select(0, gone))
         self.active = self.active[keep]
         return keep
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from ._loop import LoopOptions, State, after_plain_steps, check_safeguard, iterate, safeguard_rejects
+from ._loop import LoopOptions, State, after_plain_steps, check_safeguard, iterate, safeguard_rejects, where_rows
 from .result import SolverResult
 
 if TYPE_CHECKING:
@@ -56,8 +56,8 @@ def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 
         if safeguard is not None:
             bad = safeguard_rejects(rows, g, safeguard)
             if bool(bad.any()):  # back to the previous iterate with H = -I; y = 0 there skips the update
-                z = torch.where(bad[:, None], rows["z"], z)
-                g = torch.where(bad[:, None], rows["g"], g)
+                z = where_rows(bad, rows["z"], z)
+                g = where_rows(bad, rows["g"], g)
                 u[bad], v[bad] = 0, 0
         s, y = rows["step"], g - rows["g"]
         uu, vv = u[:, :used], v[:, :used]
@@ -69,8 +69,11 @@ def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 
         if safeguard is not None and max_restarts is not None:
             # past the limit: no more terms, so H stays -I (emptied at the rejection) and steps are plain
             ok &= (rows["restarts"] <= max_restarts)[:, None]
-        u[:, used] = torch.where(ok, (s - hy) / torch.where(ok, denom, torch.ones_like(denom)), 0.0)
-        v[:, used] = torch.where(ok, vt, 0.0)
+        # rows without the update get zero terms; (n, 1) factors, not a where over (n, D) with a
+        # broadcast mask, which runs several times slower on a CPU (solvers._loop.where_rows)
+        keep = ok.to(z.dtype)
+        u[:, used] = (s - hy) * (keep / torch.where(ok, denom, torch.ones_like(denom)))
+        v[:, used] = vt * keep
         if safeguard is not None:
             # H != -I for the next step: this update was taken, or an earlier one still is in memory
             rows["mixed"] = ok.squeeze(1) | (rows["mixed"] & ~bad & (used > 0))
@@ -84,5 +87,5 @@ def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 
 
 def _lowrank(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
     """sum_i a_i (b_i . x) for (n, m, D) a, b and (n, D) x."""
-    coef = torch.bmm(b, x[:, :, None])  # (n, m, 1)
-    return torch.bmm(coef.transpose(1, 2), a).squeeze(1)
+    coef = torch.bmm(x[:, None, :], b.transpose(1, 2))  # (n, 1, m): faster on CPU than b @ x as (m, D) x (D, 1)
+    return torch.bmm(coef, a).squeeze(1)

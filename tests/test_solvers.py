@@ -323,6 +323,41 @@ def test_anderson_variants_find_the_exact_fixed_point(options):
     torch.testing.assert_close(r.z, z_star, atol=1e-5, rtol=0)
 
 
+def _textbook_anderson(f, z0, m, beta, reg, n_evals):
+    """Anderson type II written out sample by sample (Walker & Ni): the relative residual of each
+    of n_evals iterates, (B, n_evals)."""
+    zs, gs, norms = [z0], [], []
+    for k in range(n_evals):
+        fz = f(zs[-1])
+        gs.append(fz - zs[-1])
+        norms.append(gs[-1].norm(dim=1) / fz.norm(dim=1))
+        if k == 0:
+            zs.append(zs[-1] + beta * gs[-1])
+            continue
+        lo, nxt = max(0, k - m), []
+        for b in range(z0.shape[0]):
+            dz = torch.stack([zs[i + 1][b] - zs[i][b] for i in range(lo, k)], 1)  # (d, <= m)
+            dg = torch.stack([gs[i + 1][b] - gs[i][b] for i in range(lo, k)], 1)
+            gram = dg.T @ dg
+            ridge = reg * gram.trace() * torch.eye(gram.shape[0], dtype=gram.dtype)
+            gamma = torch.linalg.solve(gram + ridge, dg.T @ gs[-1][b])
+            nxt.append(zs[-1][b] + beta * gs[-1][b] - (dz + beta * dg) @ gamma)
+        zs.append(torch.stack(nxt))
+    return torch.stack(norms, 1)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.7])
+def test_anderson_iterates_are_the_textbook_ones(beta):
+    # unguarded, so every step is a mixed one; the ring buffer, the Gram update and the combined
+    # history must give the written-out least-squares step on every iterate, in float64
+    f = tanh_layer(b=3, d=5, seed=1)[0]
+    z0 = torch.randn(3, 5, generator=gen(7), dtype=F64)
+    m, n = 3, 12
+    r = solve(f, z0, method="anderson", m=m, beta=beta, reg=1e-6, safeguard=None, tol=1e-30, max_iter=n)
+    want = _textbook_anderson(f, z0, m, beta, 1e-6, n)
+    torch.testing.assert_close(r.trace, want, rtol=1e-7, atol=1e-14)
+
+
 def test_one_block_is_plain_anderson():
     f, z_star = contractive_affine(b=3, d=8, lip=0.9, seed=4)
     a = solve(f, torch.zeros_like(z_star), method="anderson", tol=1e-10, max_iter=200)
@@ -424,3 +459,54 @@ def test_warmup_takes_plain_steps_first(name):
     torch.testing.assert_close(warm.z, z_star, rtol=0, atol=1e-8)
     with pytest.raises(ValueError, match="warmup"):
         solve(f, z0, method=name, warmup=-1)
+
+
+@pytest.mark.parametrize("pattern", ["none", "some", "all"])
+def test_where_rows_is_torch_where(pattern):
+    from solvers._loop import where_rows
+
+    a, b = torch.randn(6, 10, generator=gen(1)), torch.randn(6, 10, generator=gen(2))
+    mask = {"none": torch.zeros(6, dtype=torch.bool), "all": torch.ones(6, dtype=torch.bool),
+            "some": torch.tensor([True, False, False, True, True, False])}[pattern]
+    want = torch.where(mask[:, None], a, b)
+    b_before = b.clone()
+    got = where_rows(mask, a, b)
+    assert torch.equal(got, want) and torch.equal(b, b_before)  # a new tensor, b untouched
+    assert got.data_ptr() not in (a.data_ptr(), b.data_ptr())
+    out = torch.empty_like(b)
+    assert where_rows(mask, a, b, out=out) is out and torch.equal(out, want)
+    assert where_rows(mask, a, b, out=b) is b and torch.equal(b, want)  # in place
+
+
+def _textbook_broyden(f, z0, m, n_evals):
+    """Broyden's good update of the inverse Jacobian, dense per sample, restarted from -I when its
+    m rank-one terms are used up: the relative residual of each of n_evals iterates, (B, n_evals)."""
+    b, d = z0.shape
+    hs = [-torch.eye(d, dtype=z0.dtype) for _ in range(b)]
+    z, g_prev, step, norms = z0, None, None, []
+    for k in range(n_evals):
+        fz = f(z)
+        g = fz - z
+        norms.append(g.norm(dim=1) / fz.norm(dim=1))
+        if k == 0:
+            step = g
+        else:
+            new_step = []
+            for i in range(b):
+                if (k - 1) % m == 0:
+                    hs[i] = -torch.eye(d, dtype=z0.dtype)
+                s, y, h = step[i], g[i] - g_prev[i], hs[i]
+                hy, sh = h @ y, s @ h
+                hs[i] = h + torch.outer(s - hy, sh) / (sh @ y)
+                new_step.append(-hs[i] @ g[i])
+            step = torch.stack(new_step)
+        g_prev, z = g, z + step
+    return torch.stack(norms, 1)
+
+
+@pytest.mark.parametrize("m", [3, 20])
+def test_broyden_iterates_are_the_textbook_ones(m):
+    f = tanh_layer(b=3, d=5, seed=1)[0]
+    z0 = torch.randn(3, 5, generator=gen(8), dtype=F64)
+    r = solve(f, z0, method="broyden", m=m, tol=1e-30, max_iter=10)
+    torch.testing.assert_close(r.trace, _textbook_broyden(f, z0, m, 10), rtol=1e-7, atol=1e-14)
