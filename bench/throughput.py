@@ -12,8 +12,11 @@ For each recipe, in one process, on the same threads (torch's count, or --thread
   fraction of the matmul peak; peak bytes of live tensors during a step (bench/_memory.py).
 - eval: one no-gradient solve of a test batch at the recipe's first test difficulty, with the
   training budget: f evaluations per second and GFLOP/s.
-- peak: a 1024 x 1024 float32 matmul timed in the same run (the best of several), the
-  ceiling the achieved rates are divided by.
+- peak: a 1024 x 1024 matmul timed in the same run (the best of several), the ceiling the
+  achieved rates are divided by: float32, and bfloat16 where the CPU runs it natively. A step
+  whose block runs under bf16 autocast (the chess recipes on such a CPU) is divided by the
+  bfloat16 peak (`of peak`), and by the float32 one as well (`of fp32`); its head, loss and
+  optimizer stay float32, so neither ceiling is exact for it.
 
 Timings mean something only on an otherwise idle machine: the load average is printed at the
 start and end. Every batch comes from a seeded numpy Generator; the global RNG is untouched.
@@ -39,11 +42,11 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from bench._memory import peak_alloc_bytes  # noqa: E402
 
 
-def matmul_peak(n: int = 1024, repeats: int = 7) -> float:
-    """FLOP/s of the best of `repeats` n x n float32 matmuls on the current threads."""
+def matmul_peak(n: int = 1024, repeats: int = 7, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of the best of `repeats` n x n matmuls in `dtype` on the current threads."""
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
-    out = torch.empty(n, n)
+    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+    out = torch.empty(n, n, dtype=dtype)
     torch.mm(a, b, out=out)  # warm-up
     best = float("inf")
     for _ in range(repeats):
@@ -104,12 +107,13 @@ def _biased_sdpa(self, q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=self._relation_mask(q.shape[2]), scale=1.0)
 
 
-def measure_recipe(task_name: str, preset: str | None, steps: int, peak: float, variant: str = "eager",
+def measure_recipe(task_name: str, preset: str | None, steps: int, peaks: dict[str, float], variant: str = "eager",
                    flops: int | None = None) -> dict:
     """One recipe in one variant: eager (the code as it is), compile (train --compile), bf16
     (--autocast bf16), unfold (eager with the old local attention), sdpa (eager with the old
     relation-biased attention), jac (--jac-reg, one vector), rho (--rho-reg). `flops`: the count to use (the eager step's: the other variants do the same
-    arithmetic; for jac and rho, the eager step's, so their fraction of peak reads as a slowdown)."""
+    arithmetic; for jac and rho, the eager step's, so their fraction of peak reads as a slowdown).
+    `peaks`: matmul FLOP/s by dtype name ("float32", and "bfloat16" where native)."""
     from deqloop import model as model_module
     from deqloop.train import train_step
 
@@ -122,7 +126,7 @@ def measure_recipe(task_name: str, preset: str | None, steps: int, peak: float, 
     if variant == "sdpa":
         model_module.Attention._biased = _biased_sdpa
     try:
-        return _measure(task_name, preset, steps, peak, variant, flops, train_step)
+        return _measure(task_name, preset, steps, peaks, variant, flops, train_step)
     finally:
         model_module.Attention._local, model_module.Attention._biased = saved
 
@@ -140,10 +144,15 @@ OVERRIDES = {"bf16": ({"autocast": "bf16"}, None), "jac": (None, {"jac_reg": 1.0
              "rho": (None, {"rho_reg": 1.0, "rho_target": 0.9})}
 
 
-def _measure(task_name, preset, steps, peak, variant, flops, train_step) -> dict:
+def _measure(task_name, preset, steps, peaks, variant, flops, train_step) -> dict:
+    from deqloop.model import autocast_dtype
+
     model_over, train_over = OVERRIDES.get(variant, (None, None))
     task, model, objective, optimizer, cfg, solve_cfg = recipe_parts(task_name, preset, model_over=model_over,
                                                                      train_over=train_over)
+    step_dtype = autocast_dtype(model.cfg.autocast, torch.device("cpu")) or torch.float32
+    step_dtype = str(step_dtype).removeprefix("torch.")
+    peak = peaks.get(step_dtype, peaks["float32"])  # emulated bf16 (no bf16 peak) against float32
     params = [p for p in model.parameters() if p.requires_grad]
     rng = np.random.default_rng(0)
     difficulties = cfg.train_difficulties or task.train_difficulties
@@ -188,18 +197,23 @@ def _measure(task_name, preset, steps, peak, variant, flops, train_step) -> dict
             "batch": cfg.batch_size,
             "max_iter": solve_cfg.max_iter, "backward": solve_cfg.backward,
             "train_step_s": train_s, "train_step_s_all": times, "train_flops": flops,
-            "train_gflops": flops / train_s / 1e9, "train_fraction_of_peak": flops / train_s / peak,
+            "train_gflops": flops / train_s / 1e9, "train_dtype": step_dtype,
+            "train_fraction_of_peak": flops / train_s / peak,
+            "train_fraction_of_fp32_peak": flops / train_s / peaks["float32"],
             "train_peak_alloc_mib": peak_bytes / 2 ** 20,
             "eval_difficulty": test_d, "eval_batch": int(test.inputs.shape[0]), "eval_f_evals": evals,
             "eval_s": eval_s, "eval_f_evals_per_s": evals / eval_s, "eval_gflops": eval_flops / eval_s / 1e9,
-            "eval_fraction_of_peak": eval_flops / eval_s / peak}
+            "eval_fraction_of_peak": eval_flops / eval_s / peaks["float32"]}  # solves run in float32
 
 
 def print_row(r: dict) -> None:
     compiled = f" (first step {r['warmup_s']:.0f} s)" if r["variant"] == "compile" else ""
+    low = r["train_dtype"] != "float32"
+    fp32 = f" ({r['train_fraction_of_fp32_peak']:.2f} of fp32)" if low else ""
     print(f"{r['task']:>11} {r['preset']:<7} {r['variant']:<7} train {r['train_step_s'] * 1e3:7.1f} ms/step "
           f"{r['train_flops'] / 1e9:6.2f} GFLOP {r['train_gflops']:6.1f} GFLOP/s {r['train_fraction_of_peak']:.2f} "
-          f"of peak {r['train_peak_alloc_mib']:5.0f} MiB{compiled} | eval d={r['eval_difficulty']} "
+          f"of {'bf16 ' if low else ''}peak{fp32} {r['train_peak_alloc_mib']:5.0f} MiB{compiled} | "
+          f"eval d={r['eval_difficulty']} "
           f"B={r['eval_batch']} {r['eval_f_evals_per_s']:6.1f} f/s {r['eval_gflops']:5.1f} GFLOP/s "
           f"({r['eval_fraction_of_peak']:.2f})", flush=True)
 
@@ -221,8 +235,12 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"# bench/throughput.py, {time.strftime('%Y-%m-%d %H:%M')}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.2f} at start", flush=True)
-    peak = matmul_peak()
-    print(f"matmul peak (1024^2 float32): {peak / 1e9:.1f} GFLOP/s", flush=True)
+    from deqloop.model import cpu_has_bf16
+
+    peaks = {"float32": matmul_peak()}
+    if cpu_has_bf16():
+        peaks["bfloat16"] = matmul_peak(dtype=torch.bfloat16)
+    print("matmul peak (1024^2): " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in peaks.items()), flush=True)
     rows = []
     for name in args.tasks.split(","):
         for preset in args.presets.split(","):
@@ -231,17 +249,18 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             eager_flops = None
             for variant in args.variants.split(","):
-                r = measure_recipe(name, preset, args.steps, peak, variant, eager_flops)
+                r = measure_recipe(name, preset, args.steps, peaks, variant, eager_flops)
                 if not r:
                     continue
                 if variant == "eager":
                     eager_flops = r["train_flops"]
                 rows.append(r)
                 print_row(r)
-    end_peak = matmul_peak()
-    print(f"matmul peak at the end: {end_peak / 1e9:.1f} GFLOP/s; load average {os.getloadavg()[0]:.2f}")
+    end_peaks = {k: matmul_peak(dtype=getattr(torch, k)) for k in peaks}
+    print("matmul peak at the end: " + ", ".join(f"{k} {v / 1e9:.1f} GFLOP/s" for k, v in end_peaks.items())
+          + f"; load average {os.getloadavg()[0]:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"peak_flops": peak, "end_peak_flops": end_peak,
+        Path(args.json).write_text(json.dumps({"peak_flops": peaks, "end_peak_flops": end_peaks,
                                                "threads": torch.get_num_threads(), "rows": rows}, indent=1))
     return 0
 
