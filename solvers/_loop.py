@@ -46,12 +46,14 @@ LOOP_DEFAULTS: LoopOptions = {"tol": 1e-3, "max_iter": 50, "stop_mode": "rel", "
 class State:
     """A solver's memory between evaluations.
 
-    rows: tensors with one row per active sample; the loop compacts them as samples stop.
-    k:    steps taken so far (the same for every active sample, so ring-buffer slots are shared).
+    rows:   tensors with one row per active sample; the loop compacts them as samples stop.
+    k:      steps taken so far (the same for every active sample, so ring-buffer slots are shared).
+    g_norm: (n,) ||g|| of the point just evaluated, as the loop scored it (set before each step).
     """
 
     rows: dict[str, Tensor] = field(default_factory=dict)
     k: int = 0
+    g_norm: Tensor | None = None
 
 
 # (z, f(z), g = f(z) - z, state) -> the next z to evaluate; all (n, D) over the active samples
@@ -68,14 +70,14 @@ def check_safeguard(safeguard, max_restarts) -> None:
         raise ValueError(f"max_restarts must be an integer >= 0 or None, got {max_restarts!r}")
 
 
-def safeguard_rejects(rows: dict, g: Tensor, safeguard: float) -> Tensor:
+def safeguard_rejects(rows: dict, g_norm: Tensor, safeguard: float) -> Tensor:
     """(n,) bool, the residual safeguard of anderson and broyden: the rows whose accelerated step
     (rows["mixed"]) left a residual norm above `safeguard` times that of the iterate it started
     from (rows["g"]), counted in rows["restarts"]. The solver sends them back to rows["z"] and
-    keeps rows["g"] for them; rows["g_norm"] holds the norm of the residual each row keeps, so
-    it is not taken again on the next step."""
-    g_norm = g.norm(dim=1)
-    prev = rows["g_norm"] if "g_norm" in rows else rows["g"].norm(dim=1)
+    keeps rows["g"] for them. g_norm: ||g|| of the new point (State.g_norm, the loop's); rows["g_norm"]
+    holds the norm of the residual each row keeps (none before the first call, when no row is
+    mixed yet, so the comparison's other side does not matter there)."""
+    prev = rows.get("g_norm", g_norm)
     bad = rows["mixed"] & (g_norm > safeguard * prev)
     rows["restarts"] += bad
     rows["g_norm"] = torch.where(bad, prev, g_norm)
@@ -116,7 +118,8 @@ def after_plain_steps(step: Step, n: int) -> Step:
     def warmed(z: Tensor, fz: Tensor, g: Tensor, state: State) -> Tensor:
         if state.k < n:
             return fz
-        return step(z, fz, g, State(rows=state.rows, k=state.k - n))  # the same rows: compacted by the loop
+        # the same rows and norms: compacted by the loop
+        return step(z, fz, g, State(rows=state.rows, k=state.k - n, g_norm=state.g_norm))
 
     return warmed
 
@@ -137,12 +140,13 @@ def iterate(f: Callable[..., Tensor], z0: Tensor, step: Step, *, solver: str, **
     z = loop.z0
     while True:
         fz, g = loop(z)
+        state.g_norm = loop.g_norm
         keep = loop.drop()
         if loop.done:
             return loop.result()
         if keep is not None:
             # index_select, not row[keep]: 3-4x faster on a CPU for the (n, m, D) histories
-            z, fz, g = (t.index_select(0, keep) for t in (z, fz, g))
+            z, fz, g, state.g_norm = (t.index_select(0, keep) for t in (z, fz, g, state.g_norm))
             state.rows = {name: row.index_select(0, keep) for name, row in state.rows.items()}
         z = step(z, fz, g, state)
         state.k += 1
@@ -215,6 +219,7 @@ class Loop:
         # Without sub-batching f sees the whole batch; stopped rows sit at their best iterate.
         self._full = None if subbatch else z0.clone()
         self._stop: Tensor | None = None
+        self.g_norm: Tensor | None = None  # ||f(z) - z|| of the rows last evaluated
 
     @property
     def done(self) -> bool:
@@ -253,6 +258,7 @@ class Loop:
         act = slice(None) if full else self.active
         fz_norm = fz.norm(dim=1)
         abs_res = g.norm(dim=1)
+        self.g_norm = abs_res  # the solver's steps reuse it (State.g_norm)
         rel_res = abs_res / fz_norm.clamp_min(torch.finfo(fz.dtype).tiny)
         rel_res = torch.where(abs_res == 0, torch.zeros_like(rel_res), rel_res)
         res = rel_res if self.stop_mode == "rel" else abs_res

@@ -75,7 +75,7 @@ def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 
         slot = (state.k - 1) % m
         retired = None  # rows rejected more than max_restarts times: plain steps from here on
         if safeguard is not None:
-            bad = safeguard_rejects(rows, g, safeguard)
+            bad = safeguard_rejects(rows, state.g_norm, safeguard)
             if max_restarts is None:
                 any_bad, all_retired, any_retired = bool(bad.any()), False, False
             else:

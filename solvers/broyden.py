@@ -54,7 +54,7 @@ def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 
         used = (state.k - 1) % m  # rank-one terms in use before this update (a full memory restarts)
         bad = None
         if safeguard is not None:
-            bad = safeguard_rejects(rows, g, safeguard)
+            bad = safeguard_rejects(rows, state.g_norm, safeguard)
             if bool(bad.any()):  # back to the previous iterate with H = -I; y = 0 there skips the update
                 z = where_rows(bad, rows["z"], z)
                 g = where_rows(bad, rows["g"], g)
