@@ -205,7 +205,7 @@ def run_eval(args) -> int:
         job = bar.add_task("evaluating", total=None)
 
         def progress(d, k, done, total):
-            what = "evaluated" if d is None else f"difficulty {d}, max_iter {k}"
+            what = "evaluated" if d is None else f"difficulty {d}, max_iter up to {k}"
             bar.update(job, description=what, completed=done, total=total)
             if not console.is_terminal and d is not None:  # a log file: one plain line per cell
                 print(f"evaluating {what} ({done / total:.0%} of the work done)", file=sys.stderr, flush=True)

@@ -42,7 +42,6 @@ def eval_max_iter(task: Task, solve: SolveConfig, difficulty: int) -> int:
     return max(solve.max_iter, int(task.eval_max_iter(difficulty)))
 
 
-@torch.no_grad()
 def evaluate(model: nn.Module, task: Task, solve: SolveConfig, batch: Batch, *, max_iter: int,
              device: str | torch.device, max_tokens: int = EVAL_TOKENS) -> dict:
     """Accuracy and solver statistics of `model` on `batch` with `max_iter`, in bounded-size chunks.
@@ -51,39 +50,68 @@ def evaluate(model: nn.Module, task: Task, solve: SolveConfig, batch: Batch, *, 
     converged (fraction whose solve reached tol), max_residual (worst residual; inf if
     any was not finite), n (examples), and the mean of each of the task's own `metrics`.
     """
+    return evaluate_budgets(model, task, solve, batch, iters=[max_iter], device=device, max_tokens=max_tokens)[0]
+
+
+@torch.no_grad()
+def evaluate_budgets(model: nn.Module, task: Task, solve: SolveConfig, batch: Batch, *, iters,
+                     device: str | torch.device, max_tokens: int = EVAL_TOKENS) -> list[dict]:
+    """`evaluate` at each budget of `iters`, in that order, from one solve per chunk to the largest
+    budget: the smaller ones are read along it (the solvers' `snapshots`, the same numbers as a
+    solve of their own), so the cost is that of the largest budget alone."""
+    iters = [int(k) for k in iters]
+    if not iters or min(iters) < 1:
+        raise ValueError(f"budgets must be integers >= 1, got {iters!r}")
+    top = max(iters)
+    snapshots = tuple(sorted({k for k in iters if k < top}))
     was_training = model.training
     model.eval()
     chunk = max(1, max_tokens // max(1, batch.inputs.shape[1]))
-    correct, steps, converged, worst = 0, 0.0, 0, 0.0
-    extra: dict[str, float] = {}
-    by: dict[int, list[int]] = {}  # the task's breakdown value -> [right, n]
-    label = None
+    tallies = {k: _Tally() for k in set(iters)}
     for start in range(0, len(batch), chunk):
         rows = slice(start, start + chunk)
         part = Batch(batch.inputs[rows], batch.targets[rows], batch.difficulty[rows]).to(device)
-        logits, result = model(part.inputs, solve, max_iter=max_iter)
+        logits, result = model(part.inputs, solve, max_iter=top, snapshots=snapshots)
+        tallies[top].add(task, part, logits, result)
+        for k in snapshots:
+            snap = result.snapshots[k]
+            tallies[k].add(task, part, model.head_logits(snap.z), snap)
+    model.train(was_training)
+    return [tallies[k].report(len(batch)) for k in iters]
+
+
+class _Tally:
+    """Running sums of one budget's statistics over a batch's chunks (see `evaluate`)."""
+
+    def __init__(self):
+        self.correct, self.steps, self.converged, self.worst = 0, 0.0, 0, 0.0
+        self.extra: dict[str, float] = {}
+        self.by: dict[int, list[int]] = {}  # the task's breakdown value -> [right, n]
+        self.label = None
+
+    def add(self, task: Task, part: Batch, logits, result) -> None:
         pred = task.predict(logits, part.inputs)
         right = task.exact_match(pred, part)
-        correct += int(right.sum())
+        self.correct += int(right.sum())
         groups = task.breakdown(part)
         if groups is not None:
-            label = groups[0]
+            self.label = groups[0]
             for value, ok in zip(groups[1].tolist(), right.tolist()):
-                by.setdefault(value, [0, 0])[0] += ok
-                by[value][1] += 1
+                self.by.setdefault(value, [0, 0])[0] += ok
+                self.by[value][1] += 1
         for name, values in task.metrics(pred, part, logits).items():
-            extra[name] = extra.get(name, 0.0) + float(values.double().sum())
-        steps += float(result.n_steps.double().sum())
-        converged += int(result.converged.sum())
+            self.extra[name] = self.extra.get(name, 0.0) + float(values.double().sum())
+        self.steps += float(result.n_steps.double().sum())
+        self.converged += int(result.converged.sum())
         res = result.residual
-        worst = max(worst, float(res.max())) if bool(torch.isfinite(res).all()) else math.inf
-    model.train(was_training)
-    n = len(batch)
-    report = {"acc": correct / n, "solver_steps": steps / n, "converged": converged / n,
-              "max_residual": worst, "n": n, **{name: total / n for name, total in extra.items()}}
-    if label is not None:  # e.g. "by_givens": {"24": {"acc": 0.5, "n": 10}, ...}
-        report[f"by_{label}"] = {str(v): {"acc": r / k, "n": k} for v, (r, k) in sorted(by.items())}
-    return report
+        self.worst = max(self.worst, float(res.max())) if bool(torch.isfinite(res).all()) else math.inf
+
+    def report(self, n: int) -> dict:
+        report = {"acc": self.correct / n, "solver_steps": self.steps / n, "converged": self.converged / n,
+                  "max_residual": self.worst, "n": n, **{name: total / n for name, total in self.extra.items()}}
+        if self.label is not None:  # e.g. "by_givens": {"24": {"acc": 0.5, "n": 10}, ...}
+            report[f"by_{self.label}"] = {str(v): {"acc": r / k, "n": k} for v, (r, k) in sorted(self.by.items())}
+        return report
 
 
 def default_iters(solve: SolveConfig, task: Task, difficulties) -> list[int]:
@@ -101,8 +129,9 @@ def evaluate_checkpoint(path: str | Path | dict, *, difficulties=None, iters=Non
 
     Defaults: the run's test difficulties, `default_iters`, EVAL_N examples per difficulty, and the
     run's forward solver (`solver`, `solver_options`: another, see checkpoint.with_solver).
-    `progress(difficulty, max_iter, done, total)` is called before each cell and once at the end
-    (difficulty None), with the work done and in all counted in iteration budgets.
+    `progress(difficulty, max_iter, done, total)` is called before each difficulty's solve (to the
+    largest budget, read at every budget along the way) and once at the end (difficulty None),
+    with the work done and in all counted in iterations of that budget.
     """
     ckpt = path if isinstance(path, dict) else load_checkpoint(path)  # a dict: already loaded
     model, task, _, solve = load_run(ckpt, device, solver=solver, solver_options=solver_options)
@@ -110,15 +139,15 @@ def evaluate_checkpoint(path: str | Path | dict, *, difficulties=None, iters=Non
     difficulties = list(difficulties or train_cfg.get("test_difficulties") or task.test_difficulties)
     iters = sorted(set(iters or default_iters(solve, task, difficulties)))
     n = int(n or EVAL_N)
-    cells, done, total = [], 0, len(difficulties) * sum(iters)  # work in iteration-budget units
+    # one solve per difficulty to the largest budget, read at the others: work in its iterations
+    cells, done, total = [], 0, len(difficulties) * max(iters)
     for d in difficulties:
         batch = test_set(task, d, n)
-        for k in iters:
-            if progress is not None:
-                progress(d, k, done, total)
-            cells.append({"difficulty": d, "max_iter": k,
-                          **evaluate(model, task, solve, batch, max_iter=k, device=device)})
-            done += k
+        if progress is not None:
+            progress(d, max(iters), done, total)
+        reports = evaluate_budgets(model, task, solve, batch, iters=iters, device=device)
+        cells += [{"difficulty": d, "max_iter": k, **r} for k, r in zip(iters, reports)]
+        done += max(iters)
     if progress is not None:
         progress(None, None, done, total)
     return {

@@ -448,32 +448,38 @@ class LoopedTransformer(nn.Module):
         return self.head(self.ln_head(z))
 
     def forward(self, tokens: Tensor, solve: SolveConfig, *, max_iter: int | None = None,
-                tol: float | None = None) -> tuple[Tensor, SolverResult]:
+                tol: float | None = None, snapshots: tuple[int, ...] = ()) -> tuple[Tensor, SolverResult]:
         """Logits at the fixed point (B, T, n_classes) and the forward solver's result.
 
         Differentiable by solve.gradient when gradients are enabled. What training adds on top
         (the loss along the loop, the progressive term, a random no-gradient prefix) is in
-        deqloop.objective.
+        deqloop.objective. snapshots: budgets below max_iter whose results the solve also returns
+        (SolverResult.snapshots; without gradients only), for `head_logits(snapshot.z)`.
         """
         x = self.embed_input(tokens)
-        z, result = self.solve(x, self.z_init(x), solve, max_iter=max_iter, tol=tol)
+        z, result = self.solve(x, self.z_init(x), solve, max_iter=max_iter, tol=tol, snapshots=snapshots)
         return self.head_logits(z), result
 
     def solve(self, x: Tensor, z0: Tensor, solve: SolveConfig, *, max_iter: int | None = None,
               tol: float | None = None, detach: int = 0,
               on_iterate: Callable[[int, Tensor], None] | None = None,
-              generator: torch.Generator | None = None) -> tuple[Tensor, SolverResult]:
+              generator: torch.Generator | None = None,
+              snapshots: tuple[int, ...] = ()) -> tuple[Tensor, SolverResult]:
         """The fixed point of f(., x) from z0, with its gradient attached (solvers.implicit).
 
         max_iter, tol: the forward budget and tolerance instead of solve's; with the unroll
         gradient, exactly max_iter iterations, the first `detach` of them without gradient, and
         `on_iterate(i, z_i)` called on each differentiated iterate. generator: the dropout masks'
-        (training with dropout only).
+        (training with dropout only). snapshots: see `forward`.
         """
         self.block.start_solve(generator)
         # subbatch: f on the still-active samples only (the cell treats samples independently), so
         # a batch whose samples converge at different times stops paying for the finished ones
         options = {"subbatch": True, **solve.forward_options(max_iter, tol)}
+        if snapshots:
+            if torch.is_grad_enabled():
+                raise ValueError("snapshots are for evaluation: run the solve under torch.no_grad()")
+            options["snapshots"] = tuple(snapshots)
         self.backward_result = None  # this solve's adjoint solve, recorded by loss.backward()
         grad = solve.gradient
         return fixed_point(

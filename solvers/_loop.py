@@ -12,10 +12,14 @@ its `State`, it returns the next point to evaluate. `iterate` runs the loop arou
 A solver keeps its memory (history, Jacobian estimate) for the *active* samples only, as rows
 of (n, ...) tensors in `State.rows`, which the loop compacts; so a solver never sees a sample
 that has stopped, and writes no bookkeeping of its own.
+
+Nothing a solver does depends on max_iter, so the solve with max_iter = k is this loop's first k
+evaluations; the `snapshots` option reads the result at such budgets k along one longer solve.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Callable, TypedDict
@@ -36,10 +40,11 @@ class LoopOptions(TypedDict, total=False):
     stop_mode: str  # "rel": ||f(z) - z|| / ||f(z)||; "abs": ||f(z) - z||
     subbatch: bool  # call f(z, idx) on the active samples only (see Loop)
     divergence_ratio: float  # see Loop
+    snapshots: tuple[int, ...]  # budgets k < max_iter to return the max_iter=k result at too (SolverResult.snapshots)
 
 
 LOOP_DEFAULTS: LoopOptions = {"tol": 1e-3, "max_iter": 50, "stop_mode": "rel", "subbatch": False,
-                              "divergence_ratio": 1e4}
+                              "divergence_ratio": 1e4, "snapshots": ()}
 
 
 @dataclass
@@ -107,6 +112,17 @@ def where_rows(mask: Tensor, a: Tensor, b: Tensor, out: Tensor | None = None) ->
     return out
 
 
+def take_rows(t: Tensor, idx: Tensor) -> Tensor:
+    """t[idx] along the first dimension, as the loop compacts a solver's rows.
+
+    index_select, not t[idx] (3-4x faster on a CPU for the (n, nb, m, bs) histories), and on a
+    contiguous tensor of more than two dimensions through its (n, -1) view: on a CPU that is
+    another 2.9x for a (64, 1, 5, 4096) float32 history (833 against 287 us, 2 threads)."""
+    if t.dim() > 2 and t.is_contiguous():
+        return t.view(t.shape[0], -1).index_select(0, idx).view(idx.numel(), *t.shape[1:])
+    return t.index_select(0, idx)
+
+
 def after_plain_steps(step: Step, n: int) -> Step:
     """`step` after n plain steps z <- f(z): its history starts at the n-th iterate (a solver that
     accelerates from where plain iteration has already chosen its basin)."""
@@ -135,21 +151,41 @@ def iterate(f: Callable[..., Tensor], z0: Tensor, step: Step, *, solver: str, **
     unknown = sorted(set(options) - set(LOOP_DEFAULTS))
     if unknown:
         raise TypeError(f"{solver}: unknown option {unknown[0]!r}")
-    loop = Loop(f, z0, solver=solver, **{**LOOP_DEFAULTS, **options})
+    options = {**LOOP_DEFAULTS, **options}
+    snapshot_budgets = options.pop("snapshots")
+    loop = Loop(f, z0, solver=solver, **options)  # checks the common options first
+    pending = check_snapshots(snapshot_budgets, loop.max_iter)
     state = State()
     z = loop.z0
+    snapshots: dict[int, SolverResult] = {}
     while True:
         fz, g = loop(z)
+        if pending and loop.n_f_evals == pending[0]:
+            # what a solve with max_iter = this budget returns: the same iterates up to here
+            snapshots[pending.pop(0)] = loop.result(at_budget=True)
         state.g_norm = loop.g_norm
         keep = loop.drop()
         if loop.done:
-            return loop.result()
+            final = loop.result()
+            # every sample stopped before the later budgets: a longer budget changes nothing
+            snapshots.update((k, final) for k in pending)
+            return dataclasses.replace(final, snapshots=snapshots) if snapshots else final
         if keep is not None:
-            # index_select, not row[keep]: 3-4x faster on a CPU for the (n, m, D) histories
-            z, fz, g, state.g_norm = (t.index_select(0, keep) for t in (z, fz, g, state.g_norm))
-            state.rows = {name: row.index_select(0, keep) for name, row in state.rows.items()}
+            z, fz, g, state.g_norm = (take_rows(t, keep) for t in (z, fz, g, state.g_norm))
+            state.rows = {name: take_rows(row, keep) for name, row in state.rows.items()}
         z = step(z, fz, g, state)
         state.k += 1
+
+
+def check_snapshots(snapshots, max_iter) -> list[int]:
+    """The `snapshots` option as a sorted list of distinct budgets, each in [1, max_iter)."""
+    if isinstance(snapshots, (str, bytes)) or not hasattr(snapshots, "__iter__"):
+        raise ValueError(f"snapshots must be a sequence of integer budgets, got {snapshots!r}")
+    budgets = list(snapshots)
+    for k in budgets:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < max_iter:
+            raise ValueError(f"snapshots must be integers in [1, max_iter={max_iter}), got {k!r}")
+    return sorted(set(budgets))
 
 
 def check_common(z0: Tensor, tol: float, max_iter: int, stop_mode: str, divergence_ratio: float) -> None:
@@ -319,17 +355,22 @@ class Loop:
         self.active = self.active[keep]
         return keep
 
-    def result(self) -> SolverResult:
+    def result(self, at_budget: bool = False) -> SolverResult:
+        """The solve so far. at_budget: as if max_iter were reached now, from copies of the
+        per-sample tensors (the loop goes on updating its own)."""
         b = self.shape[0]
         trace = torch.stack(self.trace, dim=1) if self.trace else self.best.new_zeros(b, 0)
+        own = (self.best_z, self.converged, self.diverged, self.nonfinite, self.n_steps, self.best_abs, self.best_rel)
+        best_z, converged, diverged, nonfinite, n_steps, best_abs, best_rel = (
+            tuple(t.clone() for t in own) if at_budget else own)
         return SolverResult(
-            z=self.best_z.reshape(self.shape),
-            converged=self.converged,
-            diverged=self.diverged,
-            nonfinite=self.nonfinite,
-            n_steps=self.n_steps,
-            abs_residual=self.best_abs,
-            rel_residual=self.best_rel,
+            z=best_z.reshape(self.shape),
+            converged=converged,
+            diverged=diverged,
+            nonfinite=nonfinite,
+            n_steps=n_steps,
+            abs_residual=best_abs,
+            rel_residual=best_rel,
             trace=trace,
             n_f_evals=self.n_f_evals,
             n_f_rows=self.n_f_rows,

@@ -49,7 +49,7 @@ def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 
     docs/TRAINING.md): plain iteration 100% right in 339 evaluations, unguarded Anderson 31%
     after all 600, guarded 100% in 340. On the toy maps of bench/solvers.py the evaluation counts
     are unchanged. Pass safeguard=None for plain Anderson mixing.
-    `options`: tol, max_iter, stop_mode, subbatch, divergence_ratio (solvers.LoopOptions).
+    `options`: tol, max_iter, stop_mode, subbatch, divergence_ratio, snapshots (solvers.LoopOptions).
     """
     _check_options(m, beta, reg, safeguard, max_restarts, block_size)
     if block_size is not None and isinstance(z0, Tensor) and z0.dim() >= 1 and math.prod(z0.shape[1:]) % block_size:

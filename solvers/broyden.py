@@ -35,7 +35,7 @@ def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 
         As in anderson, at the cost of evaluating the rejected point.
     max_restarts: with `safeguard`, a sample rejected more than this many times finishes by
         plain steps (None: restart without limit; 0: the first rejection).
-    `options`: tol, max_iter, stop_mode, subbatch, divergence_ratio (solvers.LoopOptions).
+    `options`: tol, max_iter, stop_mode, subbatch, divergence_ratio, snapshots (solvers.LoopOptions).
     """
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m must be an integer >= 1, got {m!r}")

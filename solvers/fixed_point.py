@@ -18,7 +18,7 @@ def fixed_point_iter(f: Callable[..., Tensor], z0: Tensor, *, tau: float = 1.0,
     """Iterate z_{k+1} = (1 - tau) z_k + tau f(z_k) until ||f(z) - z|| < tol, per sample.
 
     The residual reported is that of the undamped map, ||f(z) - z||, for the returned z.
-    `options`: tol, max_iter, stop_mode, subbatch, divergence_ratio (solvers.LoopOptions);
+    `options`: tol, max_iter, stop_mode, subbatch, divergence_ratio, snapshots (solvers.LoopOptions);
     `subbatch=True` calls `f(z, idx)` on the still-active samples only (see `solvers._loop.Loop`).
     """
     if not 0 < tau <= 1:

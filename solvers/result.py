@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -44,6 +44,9 @@ class SolverResult:
     n_f_evals:    calls of `f`.
     n_f_rows:     samples passed to `f`, summed over calls (equals B * n_f_evals unless
                   the solve evaluated only the still-active samples).
+    snapshots:    {k: the result this solve would have returned with max_iter=k} for each
+                  budget k the `snapshots` option asked for (empty otherwise): one solve
+                  read at several budgets, as an accuracy-against-budget curve needs.
     """
 
     z: Tensor
@@ -59,6 +62,7 @@ class SolverResult:
     stop_mode: str
     tol: float
     solver: str
+    snapshots: dict[int, SolverResult] = field(default_factory=dict)
 
     @property
     def residual(self) -> Tensor:

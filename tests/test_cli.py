@@ -161,6 +161,29 @@ def test_eval_writes_json_and_png(capsys, ckpt, tmp_path):
     assert (tmp_path / "e.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.parametrize("solver", ["fixed_point_iter", "anderson"])
+def test_eval_reads_every_budget_along_one_solve(ckpt, solver):
+    """evaluate_budgets (what eval runs: one solve to the largest budget per chunk) gives each
+    budget's report exactly as a solve of its own would, with samples stopping in between."""
+    import dataclasses
+
+    from deqloop.checkpoint import load_run
+    from deqloop.evaluate import evaluate, evaluate_budgets, test_set
+
+    model, task, _, solve = load_run(ckpt, solver=solver)
+    # loose (measured on this toy run): some strings stop by budget 5, the rest between 5 and 9
+    solve = dataclasses.replace(solve, tol={"fixed_point_iter": 0.1, "anderson": 0.05}[solver])
+    batch = test_set(task, 12, 10)
+    iters = [9, 2, 5]
+    both = evaluate_budgets(model, task, solve, batch, iters=iters, device="cpu", max_tokens=4 * 13)  # 3 chunks
+    alone = [evaluate(model, task, solve, batch, max_iter=k, device="cpu", max_tokens=4 * 13) for k in iters]
+    assert both == alone
+    by = dict(zip(iters, both))
+    assert 0 < by[5]["converged"] < 1 and 5 < by[9]["solver_steps"] < 9
+    with pytest.raises(ValueError, match="budgets"):
+        evaluate_budgets(model, task, solve, batch, iters=[0, 3], device="cpu")
+
+
 def test_eval_and_diagnose_share_the_inputs_flag(capsys, ckpt, tmp_path):
     """--n-inputs in both commands (eval's old --n and an --n in diagnose are the same flag)."""
     code, _, err = run(capsys, "eval", ckpt, "--iters", "2", "--n-inputs", "3", "--difficulties", "8",

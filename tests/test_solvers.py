@@ -510,3 +510,63 @@ def test_broyden_iterates_are_the_textbook_ones(m):
     z0 = torch.randn(3, 5, generator=gen(8), dtype=F64)
     r = solve(f, z0, method="broyden", m=m, tol=1e-30, max_iter=10)
     torch.testing.assert_close(r.trace, _textbook_broyden(f, z0, m, 10), rtol=1e-7, atol=1e-14)
+
+
+@pytest.mark.parametrize("shape", [(6,), (6, 10), (6, 2, 3, 5)])
+def test_take_rows_is_index_select(shape):
+    from solvers._loop import take_rows
+
+    t = torch.randn(*shape, generator=gen(3))
+    idx = torch.tensor([4, 0, 5])
+    assert torch.equal(take_rows(t, idx), t[idx])
+    strided = torch.randn(*shape[:1], 7, *shape[1:], generator=gen(4)).select(1, 2)  # not contiguous
+    assert torch.equal(take_rows(strided, idx), strided[idx])
+
+
+def _same_result(a, b):
+    for name in ("z", "converged", "diverged", "nonfinite", "n_steps", "abs_residual", "rel_residual"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    assert torch.equal(a.trace.isnan(), b.trace.isnan())
+    assert torch.equal(a.trace.nan_to_num(), b.trace.nan_to_num())
+    assert (a.n_f_evals, a.n_f_rows) == (b.n_f_evals, b.n_f_rows)
+
+
+@pytest.mark.parametrize("subbatch", [False, True])
+@pytest.mark.parametrize("name", ["fixed_point_iter", "anderson", "broyden"])
+def test_snapshots_are_the_shorter_solves(name, subbatch):
+    """Each snapshot of one long solve is, bit for bit, the solve with that max_iter, for samples
+    that stop before, between and after the budgets (rows drop out of the solver's state)."""
+    g = gen(5)
+    b, d = 6, 12
+    w = torch.randn(d, d, generator=g, dtype=torch.float64)
+    w = w / torch.linalg.matrix_norm(w, 2)
+    scale = torch.tensor([0.05, 0.5, 0.9, 0.97, 0.995, 0.7], dtype=torch.float64)[:, None]
+    c = 0.3 * torch.randn(b, d, generator=g, dtype=torch.float64)
+
+    def f(z, idx=None):
+        s, cc = (scale, c) if idx is None else (scale[idx], c[idx])
+        return torch.tanh(s * (z @ w.T) + cc)
+
+    z0 = torch.zeros(b, d, dtype=torch.float64)
+    opts = dict(tol=1e-8, subbatch=subbatch)
+    long = solve(f, z0, method=name, max_iter=60, snapshots=(30, 8, 16), **opts)
+    assert sorted(long.snapshots) == [8, 16, 30]
+    assert int(long.n_steps.min()) < 8 and int(long.n_steps.max()) > 16
+    for k, snap in long.snapshots.items():
+        _same_result(snap, solve(f, z0, method=name, max_iter=k, **opts))
+    _same_result(long, solve(f, z0, method=name, max_iter=60, **opts))
+    assert not long.snapshots[8].converged.all() and long.snapshots[8].converged.any()
+
+
+def test_snapshots_after_every_sample_stopped_are_the_final_result():
+    f = lambda z: 0.5 * z + 1.0  # noqa: E731
+    res = solve(f, torch.zeros(3, 4), method="fixed_point_iter", tol=1e-3, max_iter=100, snapshots=(2, 50))
+    assert res.converged.all() and res.n_f_evals < 50
+    _same_result(res.snapshots[50], res)
+    assert res.snapshots[2].n_f_evals == 2 and not res.snapshots[2].converged.any()
+
+
+@pytest.mark.parametrize("bad", [(0,), (10,), (3.0,), "5", 7, (True,)])
+def test_snapshots_must_be_budgets_below_max_iter(bad):
+    with pytest.raises(ValueError, match="snapshots"):
+        solve(lambda z: 0.5 * z, torch.ones(2, 3), method="anderson", max_iter=10, snapshots=bad)
