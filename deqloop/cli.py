@@ -204,10 +204,13 @@ def run_eval(args) -> int:
     with progress_bar(console=console, transient=True) as bar:
         job = bar.add_task("evaluating", total=None)
 
+        started = set()
+
         def progress(d, k, done, total):
             what = "evaluated" if d is None else f"difficulty {d}, max_iter up to {k}"
             bar.update(job, description=what, completed=done, total=total)
-            if not console.is_terminal and d is not None:  # a log file: one plain line per cell
+            if not console.is_terminal and d is not None and d not in started:  # a log: a line a difficulty
+                started.add(d)
                 print(f"evaluating {what} ({done / total:.0%} of the work done)", file=sys.stderr, flush=True)
 
         report = evaluate_checkpoint(

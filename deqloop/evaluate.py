@@ -9,8 +9,10 @@ ones when it is allowed to iterate more? Rows are difficulties, columns `max_ite
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -43,7 +45,7 @@ def eval_max_iter(task: Task, solve: SolveConfig, difficulty: int) -> int:
 
 
 def evaluate(model: nn.Module, task: Task, solve: SolveConfig, batch: Batch, *, max_iter: int,
-             device: str | torch.device, max_tokens: int = EVAL_TOKENS) -> dict:
+             device: str | torch.device, max_tokens: int | None = None) -> dict:
     """Accuracy and solver statistics of `model` on `batch` with `max_iter`, in bounded-size chunks.
 
     Returns floats: acc (fraction exactly right), solver_steps (mean evaluations of f per example),
@@ -55,10 +57,12 @@ def evaluate(model: nn.Module, task: Task, solve: SolveConfig, batch: Batch, *, 
 
 @torch.no_grad()
 def evaluate_budgets(model: nn.Module, task: Task, solve: SolveConfig, batch: Batch, *, iters,
-                     device: str | torch.device, max_tokens: int = EVAL_TOKENS) -> list[dict]:
+                     device: str | torch.device, max_tokens: int | None = None,
+                     on_chunk: Callable[[int], None] | None = None) -> list[dict]:
     """`evaluate` at each budget of `iters`, in that order, from one solve per chunk to the largest
     budget: the smaller ones are read along it (the solvers' `snapshots`, the same numbers as a
-    solve of their own), so the cost is that of the largest budget alone."""
+    solve of their own), so the cost is that of the largest budget alone. `on_chunk(examples
+    done)` is called after each chunk."""
     iters = [int(k) for k in iters]
     if not iters or min(iters) < 1:
         raise ValueError(f"budgets must be integers >= 1, got {iters!r}")
@@ -66,7 +70,7 @@ def evaluate_budgets(model: nn.Module, task: Task, solve: SolveConfig, batch: Ba
     snapshots = tuple(sorted({k for k in iters if k < top}))
     was_training = model.training
     model.eval()
-    chunk = max(1, max_tokens // max(1, batch.inputs.shape[1]))
+    chunk = max(1, (max_tokens or EVAL_TOKENS) // max(1, batch.inputs.shape[1]))
     tallies = {k: _Tally() for k in set(iters)}
     for start in range(0, len(batch), chunk):
         rows = slice(start, start + chunk)
@@ -76,6 +80,8 @@ def evaluate_budgets(model: nn.Module, task: Task, solve: SolveConfig, batch: Ba
         for k in snapshots:
             snap = result.snapshots[k]
             tallies[k].add(task, part, model.head_logits(snap.z), snap)
+        if on_chunk is not None:
+            on_chunk(min(start + chunk, len(batch)))
     model.train(was_training)
     return [tallies[k].report(len(batch)) for k in iters]
 
@@ -130,7 +136,8 @@ def evaluate_checkpoint(path: str | Path | dict, *, difficulties=None, iters=Non
     Defaults: the run's test difficulties, `default_iters`, EVAL_N examples per difficulty, and the
     run's forward solver (`solver`, `solver_options`: another, see checkpoint.with_solver).
     `progress(difficulty, max_iter, done, total)` is called before each difficulty's solve (to the
-    largest budget, read at every budget along the way) and once at the end (difficulty None),
+    largest budget, read at every budget along the way), after each of its chunks (`done` then
+    counts the chunk's share, so it is not a whole number) and once at the end (difficulty None),
     with the work done and in all counted in iterations of that budget.
     """
     ckpt = path if isinstance(path, dict) else load_checkpoint(path)  # a dict: already loaded
@@ -143,9 +150,11 @@ def evaluate_checkpoint(path: str | Path | dict, *, difficulties=None, iters=Non
     cells, done, total = [], 0, len(difficulties) * max(iters)
     for d in difficulties:
         batch = test_set(task, d, n)
+        on_chunk = None
         if progress is not None:
             progress(d, max(iters), done, total)
-        reports = evaluate_budgets(model, task, solve, batch, iters=iters, device=device)
+            on_chunk = functools.partial(_chunk_progress, progress, d, max(iters), done, total, len(batch))
+        reports = evaluate_budgets(model, task, solve, batch, iters=iters, device=device, on_chunk=on_chunk)
         cells += [{"difficulty": d, "max_iter": k, **r} for k, r in zip(iters, reports)]
         done += max(iters)
     if progress is not None:
@@ -159,6 +168,10 @@ def evaluate_checkpoint(path: str | Path | dict, *, difficulties=None, iters=Non
         "eval_max_iter": {str(d): eval_max_iter(task, solve, d) for d in difficulties},
         "cells": cells,
     }
+
+
+def _chunk_progress(progress, d, top, done, total, n, examples):
+    progress(d, top, done + top * examples / n, total)
 
 
 def print_table(report: dict, console: Console | None = None) -> None:

@@ -184,6 +184,23 @@ def test_eval_reads_every_budget_along_one_solve(ckpt, solver):
         evaluate_budgets(model, task, solve, batch, iters=[0, 3], device="cpu")
 
 
+def test_eval_progress_counts_every_chunk(ckpt, monkeypatch):
+    """evaluate_checkpoint reports before each difficulty, after each chunk, and at the end; the
+    work done only grows and ends at the total (budget units of the largest budget)."""
+    import deqloop.evaluate as ev
+
+    length = ev.test_set(get_task("prefix_sums"), 12, 1).inputs.shape[1]
+    monkeypatch.setattr(ev, "EVAL_TOKENS", 3 * length)  # chunks of 3 strings at difficulty 12
+    calls = []
+    ev.evaluate_checkpoint(ckpt, difficulties=[8, 12], iters=[2, 4], n=7,
+                           progress=lambda *a: calls.append(a))
+    assert calls[0] == (8, 4, 0, 8) and calls[-1] == (None, None, 8, 8)
+    done = [c[2] for c in calls]
+    assert done == sorted(done)
+    assert sum(1 for c in calls if c[0] == 12) == 1 + 3  # the start, then chunks of 3 + 3 + 1
+    assert any(0 < x < 4 for x in done)  # a fraction of the first difficulty, after its first chunk
+
+
 def test_eval_and_diagnose_share_the_inputs_flag(capsys, ckpt, tmp_path):
     """--n-inputs in both commands (eval's old --n and an --n in diagnose are the same flag)."""
     code, _, err = run(capsys, "eval", ckpt, "--iters", "2", "--n-inputs", "3", "--difficulties", "8",
