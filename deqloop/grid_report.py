@@ -96,7 +96,9 @@ def summarize(spec: GridSpec, root: str | Path) -> dict:
         if c["status"] != "finished":
             c["train_level_acc"] = c["harder_acc"] = 0.0
             continue
-        k_train = str(c["train_max_iter"])
+        # the training budget, or the first evaluated budget above it (chess trains at 12, evaluates from 16)
+        c["train_budget"] = min((k for k in iters if k >= c["train_max_iter"]), default=max(iters))
+        k_train = str(c["train_budget"])
         c["train_level_acc"] = _mean([c["acc"][str(d)].get(k_train, math.nan) for d in train_d])
         c["harder_acc"] = _mean([c["acc"][str(d)][top] for d in harder])
         c["exact_harder_acc"] = _mean([c["exact"][str(d)][top] for d in harder])
@@ -123,6 +125,15 @@ def summarize(spec: GridSpec, root: str | Path) -> dict:
             "n_cells": len(spec.cells()), "n_done": len(cells), "difficulties": difficulties, "iters": iters,
             "train_difficulties": train_d, "harder_difficulties": harder, "cells": cells, "configs": configs,
             "correlations": correlations(cells)}
+
+
+def _train_budget_words(summary: dict) -> str:
+    """Where the *train* column is read: the training budget, or the first budget above it."""
+    pairs = sorted({(c["train_max_iter"], c["train_budget"]) for c in summary["cells"] if "train_budget" in c})
+    if all(trained == read for trained, read in pairs):
+        return "the training budget"
+    return ("the first evaluated budget at or above the training budget ("
+            + ", ".join(f"{read} for {trained}" for trained, read in pairs) + ")")
 
 
 def correlations(cells: list[dict]) -> list[dict]:
@@ -201,7 +212,7 @@ def markdown(summary: dict, figures: list[str]) -> str:
              *([f"Settings over the grid's: {', '.join(f'`{c}`' for c in changes)}.", ""] if changes else []),
              f"Metric: {metric}. Values in %, mean ± standard deviation over seeds (a diverged run counts as 0; "
              "*div* in the last column). "
-             f"*train*: training difficulties {summary['train_difficulties']} at the training budget; "
+             f"*train*: training difficulties {summary['train_difficulties']} at {_train_budget_words(summary)}; "
              f"*harder*: mean over difficulties {hard} at the largest budget ({iters[-1] if iters else '-'} "
              "iterations).", ""]
     exact_col = summary["metric"] != "acc"

@@ -132,6 +132,26 @@ def test_summary_and_report(grid_root, tmp_path):
     assert json.loads((tmp_path / "prefix_sums_summary.json").read_text())["n_done"] == 2
 
 
+def test_train_column_reads_the_first_budget_above_an_unevaluated_training_budget(grid_root, tmp_path):
+    """A grid whose budgets skip the training budget (chess trains at 12, evaluates from 16): the
+    *train* column reads the first budget above it, and the report says which."""
+    import shutil
+
+    root, _, _ = grid_root
+    copy = tmp_path / "copy"
+    shutil.copytree(root, copy)
+    for recall in TINY.recalls:
+        path = cell_dir(copy, "prefix_sums", recall, "outer", 0) / "eval.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), "train_max_iter": 5}))
+    summary = summarize(TINY, copy)
+    for c in summary["cells"]:
+        acc = json.loads((cell_dir(copy, "prefix_sums", c["recall"], "outer", 0) / "eval.json").read_text())["cells"]
+        by = {(x["difficulty"], x["max_iter"]): x["acc"] for x in acc}
+        assert c["train_budget"] == 6 and c["train_level_acc"] == by[(8, 6)]
+    write_report(TINY, summary, tmp_path)
+    assert "(6 for 5)" in (tmp_path / "prefix_sums.md").read_text()
+
+
 def test_correlations_on_known_ranks():
     def cell(x, acc):
         return {"status": "finished", "harder_acc": acc,
