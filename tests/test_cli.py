@@ -171,15 +171,18 @@ def test_eval_reads_every_budget_along_one_solve(ckpt, solver):
     from deqloop.evaluate import evaluate, evaluate_budgets, test_set
 
     model, task, _, solve = load_run(ckpt, solver=solver)
-    # loose (measured on this toy run): some strings stop by budget 5, the rest between 5 and 9
-    solve = dataclasses.replace(solve, tol={"fixed_point_iter": 0.1, "anderson": 0.05}[solver])
     batch = test_set(task, 12, 10)
     iters = [9, 2, 5]
-    both = evaluate_budgets(model, task, solve, batch, iters=iters, device="cpu", max_tokens=4 * 13)  # 3 chunks
-    alone = [evaluate(model, task, solve, batch, max_iter=k, device="cpu", max_tokens=4 * 13) for k in iters]
+    for tol in (0.2, 0.1, 0.05, 0.02):  # loose tolerances: the first at which strings stop in between
+        loose = dataclasses.replace(solve, tol=tol)
+        both = evaluate_budgets(model, task, loose, batch, iters=iters, device="cpu", max_tokens=4 * 12)  # chunks of 4, 4, 2
+        by = dict(zip(iters, both))
+        if 0 < by[5]["converged"] < 1 and 5 < by[9]["solver_steps"] < 9:
+            break
+    else:
+        pytest.fail("no tolerance made this toy run's strings stop between the budgets")
+    alone = [evaluate(model, task, loose, batch, max_iter=k, device="cpu", max_tokens=4 * 12) for k in iters]
     assert both == alone
-    by = dict(zip(iters, both))
-    assert 0 < by[5]["converged"] < 1 and 5 < by[9]["solver_steps"] < 9
     with pytest.raises(ValueError, match="budgets"):
         evaluate_budgets(model, task, solve, batch, iters=[0, 3], device="cpu")
 
