@@ -9,7 +9,6 @@ ones when it is allowed to iterate more? Rows are difficulties, columns `max_ite
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 from typing import Callable
@@ -147,16 +146,20 @@ def evaluate_checkpoint(path: str | Path | dict, *, difficulties=None, iters=Non
     iters = sorted(set(iters or default_iters(solve, task, difficulties)))
     n = int(n or EVAL_N)
     # one solve per difficulty to the largest budget, read at the others: work in its iterations
-    cells, done, total = [], 0, len(difficulties) * max(iters)
+    top = max(iters)
+    cells, done, total = [], 0, len(difficulties) * top
     for d in difficulties:
         batch = test_set(task, d, n)
         on_chunk = None
         if progress is not None:
-            progress(d, max(iters), done, total)
-            on_chunk = functools.partial(_chunk_progress, progress, d, max(iters), done, total, len(batch))
+            progress(d, top, done, total)
+
+            def on_chunk(examples, d=d, start=done, size=len(batch)):  # this difficulty's share so far
+                progress(d, top, start + top * examples / size, total)
+
         reports = evaluate_budgets(model, task, solve, batch, iters=iters, device=device, on_chunk=on_chunk)
         cells += [{"difficulty": d, "max_iter": k, **r} for k, r in zip(iters, reports)]
-        done += max(iters)
+        done += top
     if progress is not None:
         progress(None, None, done, total)
     return {
@@ -168,10 +171,6 @@ def evaluate_checkpoint(path: str | Path | dict, *, difficulties=None, iters=Non
         "eval_max_iter": {str(d): eval_max_iter(task, solve, d) for d in difficulties},
         "cells": cells,
     }
-
-
-def _chunk_progress(progress, d, top, done, total, n, examples):
-    progress(d, top, done + top * examples / n, total)
 
 
 def print_table(report: dict, console: Console | None = None) -> None:
