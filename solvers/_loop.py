@@ -89,6 +89,31 @@ def safeguard_rejects(rows: dict, g_norm: Tensor, safeguard: float) -> Tensor:
     return bad
 
 
+GATE_WINDOW = 4  # steps over which contraction_gate measures plain iteration's rate
+
+
+def check_gate(gate) -> None:
+    """The contraction gate's option of anderson and broyden: a number in (0, 1) or None."""
+    if gate is not None and (isinstance(gate, bool) or not isinstance(gate, (int, float)) or not 0 < gate < 1):
+        raise ValueError(f"gate must be a number in (0, 1) or None, got {gate!r}")
+
+
+def contraction_gate(rows: dict, g_norm: Tensor, gate: float) -> Tensor:
+    """(n,) bool, the rows allowed to accelerate: those whose residual norm has shrunk by
+    gate ** GATE_WINDOW or more over the last GATE_WINDOW evaluations (a per-step rate of at most
+    `gate` on average), and every row that did so once (the gate latches open). Before that a
+    row's solver takes plain steps. rows["gate_norms"] keeps each row's last GATE_WINDOW
+    residual norms, oldest first; rows["gate_open"] the latch."""
+    norms = rows.get("gate_norms")
+    if norms is None:
+        norms = g_norm.new_zeros(g_norm.shape[0], GATE_WINDOW)  # no row opens before GATE_WINDOW norms
+        rows["gate_open"] = torch.zeros_like(g_norm, dtype=torch.bool)
+    opened = rows["gate_open"] | (g_norm <= gate ** GATE_WINDOW * norms[:, 0])
+    rows["gate_norms"] = torch.cat((norms[:, 1:], g_norm[:, None]), dim=1)
+    rows["gate_open"] = opened
+    return opened
+
+
 def where_rows(mask: Tensor, a: Tensor, b: Tensor, out: Tensor | None = None) -> Tensor:
     """torch.where(mask[:, None], a, b) for an (n,) bool mask and (n, D) a, b, into `out` (which
     may be b) or a new tensor.
@@ -97,6 +122,8 @@ def where_rows(mask: Tensor, a: Tensor, b: Tensor, out: Tensor | None = None) ->
     (64, 4096) float32 pair: about 600 against 75 us), and the solvers take it once or twice an
     evaluation; so there the rows `mask` selects are copied over (which reads the mask on the
     host, free on a CPU). Elsewhere it is torch.where, without a host sync."""
+    if out is not None and out is a:  # the copy of b into out would overwrite the rows to take from a
+        raise ValueError("where_rows: out may be b or a new tensor, not a")
     if a.device.type != "cpu":
         return torch.where(mask[:, None], a, b, out=out)
     n_true = int(mask.sum())

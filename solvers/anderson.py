@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from ._loop import LoopOptions, State, after_plain_steps, check_safeguard, iterate, safeguard_rejects, where_rows
+from ._loop import (LoopOptions, State, after_plain_steps, check_gate, check_safeguard, contraction_gate, iterate,
+                    safeguard_rejects, where_rows)
 from .result import SolverResult
 
 if TYPE_CHECKING:
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 
 def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 1.0, reg: float = 1e-8,
              block_size: int | None = None, safeguard: float | None = 1.0, max_restarts: int | None = 0,
-             warmup: int = 0, **options: Unpack[LoopOptions]) -> SolverResult:
+             warmup: int = 0, gate: float | None = None, **options: Unpack[LoopOptions]) -> SolverResult:
     """Solve z = f(z) by Anderson mixing of the last `m` iterates, per sample.
 
     With g_k = f(z_k) - z_k and the differences dZ, dG of the last m iterates and residuals,
@@ -42,6 +43,9 @@ def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 
     warmup: take this many plain steps z <- f(z) first, then mix. On a trained loop with several
         attractors (the shipped sudoku model) plain iteration picks the right one more often;
         accelerating from there keeps it (docs/TRAINING.md, "Solvers on the trained loops").
+    gate: a sample takes plain steps until plain iteration contracts it, its residual norm
+        shrinking at a rate of at most `gate` per step over the last 4 (None, the default: mix
+        from the start); the history fills from those steps all the same. See broyden.
 
     The defaults (safeguard 1, max_restarts 0) make Anderson fall back to plain iteration on a
     sample as soon as mixing makes its residual grow. Measured on the shipped prefix-sums loop
@@ -52,11 +56,14 @@ def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 
     `options`: tol, max_iter, stop_mode, subbatch, divergence_ratio, snapshots (solvers.LoopOptions).
     """
     _check_options(m, beta, reg, safeguard, max_restarts, block_size)
+    check_gate(gate)
     if block_size is not None and isinstance(z0, Tensor) and z0.dim() >= 1 and math.prod(z0.shape[1:]) % block_size:
         raise ValueError(f"block_size={block_size} does not divide the {math.prod(z0.shape[1:])} elements of a sample")
 
     def step(z: Tensor, fz: Tensor, g: Tensor, state: State) -> Tensor:
         rows = state.rows
+        if gate is not None:
+            opened = contraction_gate(rows, state.g_norm, gate)
         n, d = z.shape
         bs = d if block_size is None else block_size
         nb = d // bs  # blocks per sample, each mixed with its own coefficients
@@ -109,6 +116,9 @@ def anderson(f: Callable[..., Tensor], z0: Tensor, *, m: int = 5, beta: float = 
         if retired is not None and any_retired:  # their history is stale, not cleared: masked, not zeroed each step
             z_next = where_rows(retired, plain, z_next, out=z_next)
             was_mixed &= ~retired
+        if gate is not None:  # rows still behind the gate step plainly; their history keeps filling
+            z_next = where_rows(~opened, plain, z_next, out=z_next)
+            was_mixed &= opened
         rows.update(z=z, g=g, mixed=was_mixed)
         return z_next
 

@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from torch import Tensor
 
-from ._loop import LoopOptions, State, after_plain_steps, check_safeguard, iterate, safeguard_rejects, where_rows
+from ._loop import (LoopOptions, State, after_plain_steps, check_gate, check_safeguard, contraction_gate, iterate,
+                    safeguard_rejects, where_rows)
 from .result import SolverResult
 
 if TYPE_CHECKING:
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
 
 
 def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 0,
-            safeguard: float | None = None, max_restarts: int | None = 0,
+            safeguard: float | None = None, max_restarts: int | None = 0, gate: float | None = None,
             **options: Unpack[LoopOptions]) -> SolverResult:
     """Solve g(z) = f(z) - z = 0 with quasi-Newton steps z <- z - H g, per sample.
 
@@ -35,14 +36,24 @@ def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 
         As in anderson, at the cost of evaluating the rejected point.
     max_restarts: with `safeguard`, a sample rejected more than this many times finishes by
         plain steps (None: restart without limit; 0: the first rejection).
+    gate: a sample takes plain steps until plain iteration contracts it, its residual norm
+        shrinking at a rate of at most `gate` per step over the last 4 (None, the default:
+        quasi-Newton steps from the start). H is built from those plain steps all the same, so
+        the first quasi-Newton step already uses what they measured. Made for trained loops,
+        whose answer is the attractor plain iteration reaches: it leaves alone the samples where
+        plain iteration is still wandering (docs/TRAINING.md, "Solvers on the trained loops").
+        On a map whose fixed point repels plain iteration the gate never opens.
     `options`: tol, max_iter, stop_mode, subbatch, divergence_ratio, snapshots (solvers.LoopOptions).
     """
     if isinstance(m, bool) or not isinstance(m, int) or m < 1:
         raise ValueError(f"m must be an integer >= 1, got {m!r}")
     check_safeguard(safeguard, max_restarts)
+    check_gate(gate)
 
     def step(z: Tensor, fz: Tensor, g: Tensor, state: State) -> Tensor:
         rows = state.rows
+        if gate is not None:
+            opened = contraction_gate(rows, state.g_norm, gate)
         if state.k == 0:  # H = -I: the first step is the plain one
             n, d = z.shape
             rows.update(u=z.new_zeros(n, m, d), v=z.new_zeros(n, m, d), g=g, step=g)
@@ -74,13 +85,17 @@ def broyden(f: Callable[..., Tensor], z0: Tensor, *, m: int = 20, warmup: int = 
         keep = ok.to(z.dtype)
         u[:, used] = (s - hy) * (keep / torch.where(ok, denom, torch.ones_like(denom)))
         v[:, used] = vt * keep
+        step = g - _lowrank(u[:, :used + 1], v[:, :used + 1], g)  # -H g
+        if gate is not None:  # rows still behind the gate step plainly; their H keeps learning
+            step = where_rows(opened, step, g)
         if safeguard is not None:
             # H != -I for the next step: this update was taken, or an earlier one still is in memory
-            rows["mixed"] = ok.squeeze(1) | (rows["mixed"] & ~bad & (used > 0))
+            mixed = ok.squeeze(1) | (rows["mixed"] & ~bad & (used > 0))
+            rows["mixed"] = mixed if gate is None else mixed & opened
             rows["z"] = z
         rows["g"] = g
-        rows["step"] = g - _lowrank(u[:, :used + 1], v[:, :used + 1], g)  # -H g
-        return z + rows["step"]
+        rows["step"] = step
+        return z + step
 
     return iterate(f, z0, after_plain_steps(step, warmup), solver="broyden", **options)
 

@@ -461,6 +461,80 @@ def test_warmup_takes_plain_steps_first(name):
         solve(f, z0, method=name, warmup=-1)
 
 
+def _fast_and_slow_affine(d=6, seed=0):
+    """Two samples of z <- A_i z + c_i: A_0 of norm 0.8, A_1 = 0.98 Q with Q orthogonal, so plain
+    iteration shrinks sample 1's residual by exactly 0.98 a step. `seen` records f's inputs."""
+    g = gen(seed)
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=F64))
+    a = torch.randn(d, d, generator=g, dtype=F64)
+    mats = torch.stack((0.8 * a / torch.linalg.matrix_norm(a, 2), 0.98 * q))
+    c = torch.randn(2, d, generator=g, dtype=F64)
+    seen = []
+
+    def f(z):
+        seen.append(z.clone())
+        return torch.bmm(mats, z[:, :, None]).squeeze(2) + c
+    return f, seen
+
+
+@pytest.mark.parametrize("name", ACCELERATED)
+def test_gate_accelerates_only_the_samples_plain_iteration_contracts(name):
+    """gate=0.9: sample 0 (plain iteration contracts it at 0.8 a step or faster) opens its gate
+    after 4 plain steps and converges in far fewer evaluations than plain iteration; sample 1
+    (0.98 a step) never opens it, so every point it evaluates is f of the one before, exactly
+    plain iteration's trace; without the gate the solver converges sample 1 as well."""
+    f, seen = _fast_and_slow_affine()
+    z0 = torch.zeros(2, 6, dtype=F64)
+    plain = solve(f, z0, method="fixed_point_iter", tol=1e-10, max_iter=300)
+    seen.clear()
+    gated = solve(f, z0, method=name, tol=1e-10, max_iter=300, gate=0.9)
+    points = [p[1] for p in seen]  # the slow sample (f sees the whole batch at every call)
+    assert len(points) == 300
+    assert gated.converged[0] and gated.n_steps[0] < plain.n_steps[0] / 2
+    assert not gated.converged[1] and int(gated.n_steps[1]) == 300
+    both = torch.stack((points[0], points[0]))  # f of one state, read at row 1
+    assert all(torch.allclose(points[j + 1], f(both.copy_(points[j]))[1], rtol=1e-12, atol=1e-14)
+               for j in range(len(points) - 1))
+    torch.testing.assert_close(gated.trace[1], plain.trace[1], rtol=1e-9, atol=0)
+    ungated = solve(f, z0, method=name, tol=1e-10, max_iter=300)
+    assert ungated.converged.all()
+
+
+@pytest.mark.parametrize("name", ACCELERATED)
+def test_the_gate_stays_shut_where_plain_iteration_is_repelled(name):
+    """z <- 1.2 Q z + c (Q orthogonal): plain iteration moves away from the fixed point, so the
+    gate never opens and the gated solver is plain iteration, diverging at the same evaluation,
+    while ungated Broyden solves the linear map (the price of the gate, why it is opt-in)."""
+    g = gen(3)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, generator=g, dtype=F64))
+    c = torch.randn(2, 6, generator=g, dtype=F64)
+    z0 = torch.zeros(2, 6, dtype=F64)
+
+    def f(z):
+        return 1.2 * z @ q.T + c
+    plain = solve(f, z0, method="fixed_point_iter", tol=1e-10, max_iter=300)
+    gated = solve(f, z0, method=name, tol=1e-10, max_iter=300, gate=0.9)
+    assert plain.status == gated.status == Status.DIVERGED
+    assert torch.equal(gated.n_steps, plain.n_steps)
+    if name == "broyden":
+        assert solve(f, z0, method=name, tol=1e-10, max_iter=300).converged.all()
+
+
+@pytest.mark.parametrize("name", ACCELERATED)
+@pytest.mark.parametrize("bad", [0, 1, 1.5, True, "x"])
+def test_gate_must_be_a_rate_below_one(name, bad):
+    with pytest.raises(ValueError, match="gate"):
+        solve(lambda z: 0.5 * z, torch.zeros(2, 12, dtype=F64), method=name, gate=bad)
+
+
+def test_where_rows_refuses_out_aliasing_a():
+    from solvers._loop import where_rows
+
+    a, b = torch.ones(3, 2), torch.zeros(3, 2)
+    with pytest.raises(ValueError, match="not a"):
+        where_rows(torch.tensor([True, False, True]), a, b, out=a)
+
+
 @pytest.mark.parametrize("pattern", ["none", "some", "all"])
 def test_where_rows_is_torch_where(pattern):
     from solvers._loop import where_rows
