@@ -170,14 +170,26 @@ def configs(ckpt: dict) -> tuple[ModelConfig, SolveConfig]:
                               f"{_first_line(e)}") from None
 
 
-def with_solver(solve: SolveConfig, solver: str | None = None, options: dict | None = None) -> SolveConfig:
+def with_solver(solve: SolveConfig, solver: str | None = None, options: dict | None = None,
+                task: str | None = None) -> SolveConfig:
     """`solve` with another forward solver and / or solver options (None: the checkpoint's). The
-    options replace the stored ones when the solver changes, else go over them. ConfigError
-    (naming the valid choices) on an unknown solver or option."""
+    options replace the stored ones when the solver changes, else go over them; a new solver starts
+    from the options `task` (its name) gives it on a trained loop (Task.solver_options), and
+    `options` go over those. ConfigError (naming the valid choices) on an unknown solver or option."""
     if solver is None and not options:
         return solve
-    base = {} if solver not in (None, solve.solver) else dict(solve.solver_options or {})
+    if solver in (None, solve.solver):
+        base = dict(solve.solver_options or {})
+    else:
+        base = dict(_task_solver_options(task).get(solver, {}))
     return replace(solve, solver=solver or solve.solver, solver_options={**base, **(options or {})} or None)
+
+
+def _task_solver_options(task: str | None) -> dict:
+    try:
+        return get_task(task).solver_options if task is not None else {}
+    except TaskInputError:  # an unknown task is load_model's error, with the file's name
+        return {}
 
 
 def load_model(ckpt: dict | str | Path, device: str | torch.device = "cpu") -> tuple[LoopedTransformer, Task]:
@@ -205,7 +217,7 @@ def load_run(ckpt: dict | str | Path, device: str | torch.device = "cpu", *, sol
     if not isinstance(ckpt, dict):
         ckpt = load_checkpoint(ckpt)
     model_cfg, solve_cfg = configs(ckpt)
-    solve_cfg = with_solver(solve_cfg, solver, solver_options)  # a bad override fails before the weights load
+    solve_cfg = with_solver(solve_cfg, solver, solver_options, ckpt.get("task"))  # fails before the weights load
     model, task = load_model(ckpt, device)
     return model, task, model_cfg, solve_cfg
 

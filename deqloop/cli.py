@@ -162,8 +162,10 @@ def print_run_summary(path: Path, cfg: TrainConfig) -> None:
 # ------------------------------------------------------------------------------------- eval
 
 
-def checked_solver(solve: SolveConfig, args) -> SolveConfig:
-    return with_solver(solve, **solver_override(args))  # ConfigError on an unknown solver or option
+def checked_solver(ckpt: dict, args) -> SolveConfig:
+    """The checkpoint's solve config with the command's solver override; ConfigError on an unknown
+    solver or option."""
+    return with_solver(configs(ckpt)[1], **solver_override(args), task=ckpt.get("task"))
 
 
 def add_solver_override(p: argparse.ArgumentParser) -> None:
@@ -199,7 +201,7 @@ def run_eval(args) -> int:
     check_outputs(files=(json_path, plot_path))
     device = device_arg(args.device)
     ckpt = load_checkpoint(args.checkpoint)
-    checked_solver(configs(ckpt)[1], args)  # a bad file or override: one line, before any work
+    checked_solver(ckpt, args)  # a bad file or override: one line, before any work
     console = Console(stderr=True)
     with progress_bar(console=console, transient=True) as bar:
         job = bar.add_task("evaluating", total=None)
@@ -312,7 +314,7 @@ def run_diagnose(args) -> int:
                                 seed=args.seed, cluster_tol=args.cluster_tol, budget_seconds=args.budget_seconds)
     device = device_arg(args.device)
     ckpt = load_checkpoint(args.checkpoint)
-    checked_solver(configs(ckpt)[1], args)  # a bad file or override: one line, before the progress bar
+    checked_solver(ckpt, args)  # a bad file or override: one line, before the progress bar
     with progress_bar(transient=True) as bar:
         job = bar.add_task("diagnosing", total=None)
         report = diagnose_checkpoint(

@@ -76,7 +76,7 @@ def one_line(e: BaseException) -> str:
 
 
 def solver_option(text: str) -> tuple[str, object]:
-    """KEY=VALUE of --solver-option: VALUE as an int, a float, true/false, else a string."""
+    """KEY=VALUE of --solver-option: VALUE as an int, a float, true/false, none (None), else a string."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. m=6), got {text!r}")
@@ -84,6 +84,8 @@ def solver_option(text: str) -> tuple[str, object]:
     lowered = raw.strip().lower()
     if lowered in ("true", "false"):
         value = lowered == "true"
+    elif lowered == "none":  # an option off (gate=none, safeguard=none)
+        value = None
     else:
         for kind in (int, float):
             try:

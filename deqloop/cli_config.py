@@ -149,7 +149,7 @@ FLAG_HELP = {
         "max_iter": ("forward iterations at most", {"type": int}),
         "tol": ("relative residual at which a sample stops", {"type": float}),
         "solver_options": ("a forward-solver option KEY=VALUE (anderson: m, beta, reg, block_size, safeguard, "
-                           "max_restarts, warmup; broyden: m, safeguard, max_restarts, warmup; "
+                           "max_restarts, warmup, gate; broyden: m, safeguard, max_restarts, warmup, gate; "
                            "fixed_point_iter: tau), repeatable",
                            {"type": solver_option, "action": "append", "metavar": "KEY=VALUE", "shown": "none",
                             "option": "--solver-option"}),

@@ -544,11 +544,16 @@ def autocast_note(cfg: ModelConfig, device: torch.device) -> tuple[str, str] | N
 def task_configs(task, model: dict | None = None, solve: dict | None = None,
                  preset: str | None = None) -> tuple[ModelConfig, SolveConfig]:
     """The configs of a model for `task` (a tasks.Task): the given fields, else the task's `preset`
-    (Task.presets), else its model_defaults / solve_defaults, else the dataclass defaults."""
+    (Task.presets), else its model_defaults / solve_defaults, else the dataclass defaults. The
+    forward solver's options start from the task's for that solver (Task.solver_options)."""
     recipe = task.recipe(preset)
     model_cfg = ModelConfig(vocab_size=task.vocab_size, n_classes=task.n_classes,
                             **{**recipe["model"], **(model or {})})
-    return model_cfg, SolveConfig(**{**recipe["solve"], **(solve or {})})
+    solve_fields = {**recipe["solve"], **(solve or {})}
+    task_options = task.solver_options.get(solve_fields.get("solver", SolveConfig.solver), {})
+    if task_options:
+        solve_fields["solver_options"] = {**task_options, **(solve_fields.get("solver_options") or {})}
+    return model_cfg, SolveConfig(**solve_fields)
 
 
 def build_model(cfg: ModelConfig, seed: int) -> LoopedTransformer:

@@ -47,6 +47,11 @@ class Task(ABC):
     # Named recipes over the defaults: {name: {"model": {..}, "solve": {..}, "train": {..}}}
     # (`cli.py train --preset NAME`; explicit flags still win).
     presets: dict = {}
+    # Per forward solver, the options it takes on this task's trained loops unless told otherwise
+    # ({"broyden": {"gate": 0.85}}), chosen by bench/solvers_on_checkpoints.py: filled in when a
+    # run is trained with that solver or a checkpoint is evaluated with it (checkpoint.with_solver);
+    # explicit --solver-option values go over them. The solvers' own defaults stay the library's.
+    solver_options: dict = {}
 
     @classmethod
     def recipe(cls, preset: str | None = None) -> dict[str, dict]:

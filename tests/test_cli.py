@@ -324,6 +324,27 @@ def test_a_bad_solver_override_is_one_line(capsys, ckpt, argv, words):
         assert_usage_error(*run(capsys, *command, *argv)[::2], *words)
 
 
+def test_a_solver_takes_the_tasks_options_for_trained_loops_under_the_users():
+    from deqloop.checkpoint import with_solver
+    from deqloop.cli_args import solver_option
+    preset = get_task("sudoku").solver_options["broyden"]
+    assert preset.get("gate") is not None  # the benchmark's choice for sudoku (docs/TRAINING.md)
+    assert parse_train("--task", "sudoku", "--solver", "broyden")[2].solver_options == preset
+    assert parse_train("--task", "sudoku")[2].solver_options is None  # plain iteration has none
+    assert parse_train("--task", "prefix_sums", "--solver", "broyden")[2].solver_options is None
+    off = parse_train("--task", "sudoku", "--solver", "broyden", "--solver-option", "gate=none",
+                      "--solver-option", "m=7")[2].solver_options
+    assert off == {**preset, "gate": None, "m": 7} and solver_option("gate=None") == ("gate", None)
+    stored = SolveConfig(solver="fixed_point_iter", solver_options={"tau": 0.5})
+    assert with_solver(stored, "broyden", task="sudoku").solver_options == preset
+    assert with_solver(stored, "broyden", {"warmup": 0}, task="sudoku").solver_options == {**preset, "warmup": 0}
+    assert with_solver(stored, "broyden").solver_options is None  # no task: the library's defaults
+    assert with_solver(stored, "broyden", task="prefix_sums").solver_options is None
+    assert with_solver(stored, options={"tau": 0.7}, task="sudoku").solver_options == {"tau": 0.7}
+    mine = SolveConfig(solver="broyden", solver_options={"m": 3})  # a run's own options stay its own
+    assert with_solver(mine, "broyden", task="sudoku").solver_options == {"m": 3}
+
+
 def test_print_config_fed_back_with_config_is_the_same_run(capsys, tmp_path):
     argv = ["train", "--task", "sudoku", "--preset", "long", "--d-model", "32", "--solver-option", "tau=0.5",
             "--out-dir", tmp_path / "run"]
