@@ -36,7 +36,7 @@ from deqloop.cli_args import (budget_arg, check_outputs, difficulty_list, int_li
                               none_or_str, one_line, positive_float, positive_int, seed_list, solver_option,
                               window_arg)
 from deqloop.cli_config import (CONFIGS, FLAG_HELP, SET_BY_TASK, TRAIN_FLAGS, config_json, default,  # noqa: F401
-                                recipe_text, train_configs)
+                                recipe_text, task_solver_options_text, train_configs)
 from deqloop.model import SolveConfig
 from deqloop.run import eval_score
 from deqloop.errors import USER_ERRORS, UsageError
@@ -169,9 +169,11 @@ def checked_solver(ckpt: dict, args) -> SolveConfig:
 
 
 def add_solver_override(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--solver", help="forward solver instead of the run's (see solvers.SOLVERS)")
+    p.add_argument("--solver", help="forward solver instead of the run's (see solvers.SOLVERS), with the options "
+                                    f"its task gives it on trained loops ({task_solver_options_text()})")
     p.add_argument("--solver-option", dest="solver_options", type=solver_option, action="append", metavar="KEY=VALUE",
-                   help="a forward-solver option (anderson: m, beta, reg; fixed_point_iter: tau ...), repeatable")
+                   help="a forward-solver option (anderson: m, beta, reg, warmup, gate; fixed_point_iter: tau ...; "
+                        "KEY=none turns one off), over the run's or the task's, repeatable")
 
 
 def solver_override(args) -> dict:

@@ -16,13 +16,20 @@ from deqloop.cli_args import difficulty_list, none_or_float, none_or_str, one_li
 from deqloop.errors import UsageError
 from deqloop.model import BACKWARDS, NORMS, RECALLS, RELATIONS, Z0S, ModelConfig, SolveConfig, task_configs
 from deqloop.train_config import TrainConfig, check_resumable, stored_configs
-from tasks import get_task
+from tasks import TASKS, get_task
 
 
 CONFIGS = {"model": ModelConfig, "solve": SolveConfig, "train": TrainConfig}
 
 
 SET_BY_TASK = ("task", "vocab_size", "n_classes")  # fields no flag sets
+
+
+def task_solver_options_text() -> str:
+    """Task.solver_options as help text: 'sudoku broyden: gate=0.85 warmup=16'."""
+    given = [f"{name} {solver}: " + " ".join(f"{k}={v}" for k, v in options.items())
+             for name, task in TASKS.items() for solver, options in task.solver_options.items()]
+    return "; ".join(given) or "none"
 
 
 # flag dest -> (config, field), for every field of the three configs: the field's own name,
@@ -145,12 +152,15 @@ FLAG_HELP = {
                     {"type": float}),
     },
     "solver": {
-        "solver": ("forward solver (see solvers.SOLVERS)", {}),
+        "solver": ("forward solver (see solvers.SOLVERS); every task's recipe takes fixed_point_iter: on "
+                   "their trained loops no accelerated solver was as accurate and much faster at every "
+                   "difficulty (bench/solvers_on_checkpoints.py, docs/TRAINING.md)", {}),
         "max_iter": ("forward iterations at most", {"type": int}),
         "tol": ("relative residual at which a sample stops", {"type": float}),
         "solver_options": ("a forward-solver option KEY=VALUE (anderson: m, beta, reg, block_size, safeguard, "
                            "max_restarts, warmup, gate; broyden: m, safeguard, max_restarts, warmup, gate; "
-                           "fixed_point_iter: tau), repeatable",
+                           "fixed_point_iter: tau; none turns one off), repeatable; over the ones a task "
+                           f"gives a solver on its trained loops ({task_solver_options_text()})",
                            {"type": solver_option, "action": "append", "metavar": "KEY=VALUE", "shown": "none",
                             "option": "--solver-option"}),
         "backward": ("gradient", {"choices": BACKWARDS}),
