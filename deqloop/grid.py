@@ -360,14 +360,17 @@ def _run_cell(spec: GridSpec, root: str | Path, recall: str, norm: str, seed: in
     from deqloop.checkpoint import load_checkpoint
     from deqloop.diagnose import DiagnoseSettings, diagnose_checkpoint
     from deqloop.evaluate import evaluate_checkpoint
-    from deqloop.io import write_json
+    from deqloop.io import resolve_device, write_json
+    from deqloop.model import autocast_dtype
     from deqloop.train import train
 
     out = cell_dir(root, spec.task, recall, norm, seed)  # the child's threads: OMP_NUM_THREADS, read by torch
     model_cfg, solve_cfg, train_cfg = _build_configs(spec, recall, norm, seed, str(out))
     ckpt_path = out / "checkpoint.pt"
     cell = {"grid_version": GRID_VERSION, "fingerprint": spec.fingerprint(), "task": spec.task,
-            "recall": recall, "norm": norm, "seed": seed, "threads": torch.get_num_threads()}
+            "recall": recall, "norm": norm, "seed": seed, "threads": torch.get_num_threads(),
+            # where cells of one grid run on several machines: what "autocast auto" chose on this one
+            "train_dtype": str(autocast_dtype(model_cfg.autocast, resolve_device(train_cfg.device)) or torch.float32)}
 
     t0 = time.time()
     done = load_checkpoint(ckpt_path)["step"] if ckpt_path.exists() else 0  # checkpoints are written atomically

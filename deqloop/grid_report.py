@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,7 @@ def cell_summary(spec: GridSpec, root: str | Path, recall: str, norm: str, seed:
         return None
     out = cell_dir(root, spec.task, recall, norm, seed)
     s = {k: cell.get(k) for k in ("recall", "norm", "seed", "status", "final_loss", "train_acc", "train_seconds",
-                                   "eval_seconds", "diagnose_seconds", "error", "diagnose_error")}
+                                   "eval_seconds", "diagnose_seconds", "error", "diagnose_error", "train_dtype")}
     # from the metrics, not cell.json: cells written before training_seconds counted their last sitting only
     seconds = training_seconds(read_metrics(out / "metrics.jsonl"))
     if seconds is not None:
@@ -268,6 +269,8 @@ def markdown(summary: dict, figures: list[str]) -> str:
     if secs:
         lines += ["", f"Wall time per run (train + eval + diagnose): median {np.median(secs) / 60:.1f} min, "
                       f"total {sum(secs) / 3600:.2f} h of run time."]
+        dtypes = Counter((c.get("train_dtype") or "not recorded").replace("torch.", "") for c in summary["cells"])
+        lines[-1] += " Training precision: " + ", ".join(f"{k} {n}" for k, n in sorted(dtypes.items())) + "."
     lines += [""] + [f"![{f}]({f})" for f in figures] + [""]
     return "\n".join(lines)
 

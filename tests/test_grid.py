@@ -45,6 +45,10 @@ def test_every_cell_is_trained_evaluated_and_diagnosed(grid_root):
         diag = json.loads((out / "diagnose.json").read_text())
         assert [r["difficulty"] for r in diag["rows"]] == [16] and diag["model"]["recall"] == c["recall"]
         assert c["threads"] == 1
+        from deqloop.model import cpu_has_bf16
+        toy = json.loads((out / "config.json").read_text())["model"]["autocast"]
+        bf16 = toy == "bf16" or (toy == "auto" and cpu_has_bf16())
+        assert c["train_dtype"] == ("torch.bfloat16" if bf16 else "torch.float32")
 
 
 def test_a_second_run_recomputes_nothing(grid_root):
