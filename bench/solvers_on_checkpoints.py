@@ -7,13 +7,13 @@
 
 Per checkpoint, difficulty and solver, on the same fixed test set (deqloop.evaluate.test_set) and
 the same weights: exact-match accuracy of the returned z, fraction of samples whose relative
-residual ||f(z) - z|| / ||f(z)|| is below the checkpoint's tol (recomputed here, the same way
+residual ||f(z) - z|| / ||f(z)|| is below the tolerance (recomputed here, the same way
 for every solver), evaluations of f (rows passed over the batch size: ours solve on the active
 sub-batch, as the model does, so this is the mean over samples of the evaluations until each
 stops; torchdeq's solve the whole batch until its last sample stops), mean evaluations per
 sample until each stops (ours only; torchdeq does not report them), and wall time. Every solver gets the same
 budget: the task's evaluation budget for that difficulty (deqloop.evaluate.eval_max_iter), or
---max-iter. Time it with nothing else running.
+--max-iter, and the same tolerance: the checkpoint's, or --tol. Time it with nothing else running.
 """
 
 from __future__ import annotations
@@ -103,6 +103,8 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=64, help="test examples per difficulty (default: 64)")
     p.add_argument("--max-iter", type=int, help="budget of every solver (default: the task's, per difficulty)")
     p.add_argument("--solvers", help="comma-separated labels of SOLVERS (default: all)")
+    p.add_argument("--tol", type=float, help="relative tolerance of every solver, and of the converged column "
+                                             "(default: the checkpoint's)")
     p.add_argument("--json", type=Path, help="write every row here")
     args = p.parse_args(argv)
     chosen = [s for s in SOLVERS if not args.solvers or s[0] in args.solvers.split(",")]
@@ -121,10 +123,11 @@ def main(argv=None) -> int:
             for label, lib, method, options in chosen:
                 options = {k: d_model if v == "D" else v for k, v in options.items()}
                 try:
-                    row = run_one(model, task, batch, lib, method, options, solve.tol, budget)
+                    row = run_one(model, task, batch, lib, method, options, args.tol or solve.tol, budget)
                 except Exception as e:  # a row, not a crash: torchdeq's singular systems, for one
                     row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
                 row = {"checkpoint": name, "task": task.name, "difficulty": d, "max_iter": budget,
+                       "tol": args.tol or solve.tol,
                        "solver": label, **row}
                 rows.append(row)
                 if "error" in row:
