@@ -54,7 +54,6 @@ SOLVERS = [
     ("broyden gate 0.8 warmup 16", "ours", "broyden", {"gate": 0.8, "warmup": 16}),
     ("broyden gate 0.85 warmup 32", "ours", "broyden", {"gate": 0.85, "warmup": 32}),
     ("broyden guarded warmup 16", "ours", "broyden", {"safeguard": 1.0, "warmup": 16}),
-    ("anderson gate 0.85", "ours", "anderson", {"gate": 0.85}),
     ("anderson gate 0.85 warmup 16", "ours", "anderson", {"gate": 0.85, "warmup": 16}),
     ("broyden guarded x2 restarts unlimited", "ours", "broyden", {"safeguard": 2.0, "max_restarts": None}),
     ("torchdeq fixed_point_iter", "torchdeq", "fixed_point_iter", {}),
@@ -117,17 +116,17 @@ def main(argv=None) -> int:
         d_model = ckpt["model_config"]["d_model"]
         diffs = ([int(d) for d in args.difficulties.split(",")] if args.difficulties
                  else list(ckpt["train_config"].get("test_difficulties") or task.test_difficulties))
+        tol = args.tol or solve.tol
         for d in diffs:
             batch = test_set(task, d, args.n)
             budget = args.max_iter or eval_max_iter(task, solve, d)
             for label, lib, method, options in chosen:
                 options = {k: d_model if v == "D" else v for k, v in options.items()}
                 try:
-                    row = run_one(model, task, batch, lib, method, options, args.tol or solve.tol, budget)
+                    row = run_one(model, task, batch, lib, method, options, tol, budget)
                 except Exception as e:  # a row, not a crash: torchdeq's singular systems, for one
                     row = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"}
-                row = {"checkpoint": name, "task": task.name, "difficulty": d, "max_iter": budget,
-                       "tol": args.tol or solve.tol,
+                row = {"checkpoint": name, "task": task.name, "difficulty": d, "max_iter": budget, "tol": tol,
                        "solver": label, **row}
                 rows.append(row)
                 if "error" in row:

@@ -24,7 +24,7 @@ import deqloop
 from deqloop.model import LoopedTransformer, ModelConfig, SolveConfig, build_model
 from deqloop.errors import CheckpointError
 from deqloop.io import atomic_file
-from tasks import Task, TaskInputError, get_task
+from tasks import TASKS, Task, TaskInputError, get_task
 
 FORMAT = "deqloop-checkpoint"  # the `format` key; tells a deqloop checkpoint from any other torch file
 FORMAT_VERSION = 1  # bumped when the layout below changes incompatibly
@@ -179,17 +179,10 @@ def with_solver(solve: SolveConfig, solver: str | None = None, options: dict | N
     if solver is None and not options:
         return solve
     if solver in (None, solve.solver):
-        base = dict(solve.solver_options or {})
-    else:
-        base = dict(_task_solver_options(task).get(solver, {}))
+        base = solve.solver_options or {}
+    else:  # an unknown task is load_model's error, with the file's name
+        base = getattr(TASKS.get(task), "solver_options", {}).get(solver, {})
     return replace(solve, solver=solver or solve.solver, solver_options={**base, **(options or {})} or None)
-
-
-def _task_solver_options(task: str | None) -> dict:
-    try:
-        return get_task(task).solver_options if task is not None else {}
-    except TaskInputError:  # an unknown task is load_model's error, with the file's name
-        return {}
 
 
 def load_model(ckpt: dict | str | Path, device: str | torch.device = "cpu") -> tuple[LoopedTransformer, Task]:
