@@ -77,7 +77,7 @@ def recipe_parts(task_name: str, preset: str | None, seed: int = 0, model_over: 
     cfg = TrainConfig(task=task_name, seed=seed, out_dir=os.devnull, **train_fields)
     model = build_model(model_cfg, seed)
     objective = TrainingObjective(model, task, solve_cfg, jac_reg=cfg.jac_reg, jac_samples=cfg.jac_reg_samples,
-                                  rho_reg=cfg.rho_reg, rho_target=cfg.rho_target)
+                                  rho_reg=cfg.rho_reg, rho_target=cfg.rho_target, pack=cfg.pack)
     return task, model, objective, build_optimizer(model, cfg), cfg, solve_cfg
 
 
@@ -111,7 +111,7 @@ def measure_recipe(task_name: str, preset: str | None, steps: int, peaks: dict[s
                    flops: int | None = None) -> dict:
     """One recipe in one variant: eager (the code as it is), compile (train --compile), bf16
     (--autocast bf16), unfold (eager with the old local attention), sdpa (eager with the old
-    relation-biased attention), jac (--jac-reg, one vector), rho (--rho-reg). `flops`: the count to use (the eager step's: the other variants do the same
+    relation-biased attention), jac (--jac-reg, one vector), rho (--rho-reg), nopack (--no-pack). `flops`: the count to use (the eager step's: the other variants do the same
     arithmetic; for jac and rho, the eager step's, so their fraction of peak reads as a slowdown).
     `peaks`: matmul FLOP/s by dtype name ("float32", and "bfloat16" where native)."""
     from deqloop import model as model_module
@@ -140,7 +140,7 @@ def get_model_config(task_name: str, preset: str | None):
 
 # variants that change the recipe's configs: (ModelConfig fields, TrainConfig fields) over it;
 # jac and rho add the stabilizer's term to the step (one Hutchinson vector for jac)
-OVERRIDES = {"bf16": ({"autocast": "bf16"}, None), "jac": (None, {"jac_reg": 1.0, "jac_reg_samples": 1}),
+OVERRIDES = {"bf16": ({"autocast": "bf16"}, None), "nopack": (None, {"pack": False}), "jac": (None, {"jac_reg": 1.0, "jac_reg_samples": 1}),
              "rho": (None, {"rho_reg": 1.0, "rho_target": 0.9})}
 
 
@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--presets", default="default", help="comma-separated; 'default' is the task's own recipe")
     p.add_argument("--variants", default="eager",
                    help="comma-separated: eager, compile (train --compile), bf16 (--autocast bf16), unfold (the old "
-                        "local attention), sdpa (the old relation attention), jac (--jac-reg 1, one vector), rho (--rho-reg 1)")
+                        "local attention), sdpa (the old relation attention), jac (--jac-reg 1, one vector), rho (--rho-reg 1), "
+                        "nopack (train --no-pack: mixed lengths padded)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per recipe (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number here")
@@ -249,7 +250,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             eager_flops = None
             for variant in args.variants.split(","):
-                r = measure_recipe(name, preset, args.steps, peaks, variant, eager_flops)
+                # nopack pads, so it does more arithmetic than eager's packed step: its own count
+                r = measure_recipe(name, preset, args.steps, peaks, variant, None if variant == "nopack" else eager_flops)
                 if not r:
                     continue
                 if variant == "eager":

@@ -203,6 +203,9 @@ FLAG_HELP = {
         "rho_target": ("the spectral radius --rho-reg aims at", {"type": float}),
         "compile": ("torch.compile the loop block for the training steps (needs a C++ compiler on CPU; "
                     "falls back to eager with a note)", {"action": "store_const", "const": True}),
+        "pack": ("solve a batch of mixed lengths packed end to end in fewer rows where that gives the same loss "
+                 "(a causal local loop unrolled, no dropout or Jacobian terms: prefix sums)",
+                 {"action": argparse.BooleanOptionalAction}),
         "tensorboard": ("also log to <out-dir>/tensorboard (needs pip install 'deqloop[tensorboard]')",
                         {"action": "store_const", "const": True}),
     },

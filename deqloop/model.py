@@ -240,10 +240,14 @@ class Attention(nn.Module):
             # tell "1" from "1 1", and a recurrence like parity needs to know where it starts.
             self.boundary = nn.Parameter(0.02 * torch.randn(cfg.d_model))
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, segments: Tensor | None = None) -> Tensor:
+        """segments (B, T): which packed string each position is in (deqloop.packing; local
+        attention only): a window reaching before its string's start sees the boundary state."""
         if self.window is not None:
-            y = self._local(h)
+            y = self._local(h, segments)
         else:
+            if segments is not None:
+                raise ValueError("packed segments need local attention (window set)")
             if self.relation_bias is None:
                 q, k, v = rearrange(self.qkv(h), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
@@ -273,7 +277,7 @@ class Attention(nn.Module):
         scores = scores + self._relation_mask(q.shape[2]).to(scores.dtype)  # relations are never causal
         return scores.softmax(-1) @ v
 
-    def _local(self, h: Tensor) -> Tensor:
+    def _local(self, h: Tensor, segments: Tensor | None = None) -> Tensor:
         b, t, d = h.shape
         w = self.left + self.right + 1
         edge = self.boundary.expand(b, 1, d)
@@ -283,8 +287,25 @@ class Attention(nn.Module):
         # one shifted slice of the keys / values per window offset o: query i sees padded key i + o.
         # Views, not copies: 2x faster than unfolding (B, H, T, E, W) windows (bench/throughput.py).
         scores = torch.stack([(q * k[:, :, o: o + t]).sum(-1) for o in range(w)], dim=-1)
+        if segments is not None and w > 1:
+            return self._local_packed(q, k, v, scores, segments)
         p = (scores + self.rel_bias[:, None, :]).softmax(-1)  # (B, H, T, W), bias (H, 1, W) by offset
         return sum(p[..., o: o + 1] * v[:, :, o: o + t] for o in range(w))
+
+    def _local_packed(self, q: Tensor, k: Tensor, v: Tensor, scores: Tensor, segments: Tensor) -> Tensor:
+        """_local's attention for strings packed end to end (deqloop.packing): where query i's
+        offset o lands in another string, it sees the boundary state's key and value instead, as
+        it would past the end of its own padded row."""
+        t, w = q.shape[2], scores.shape[-1]
+        seg_pad = F.pad(segments, (self.left, self.right), value=-1)
+        inside = torch.stack([segments == seg_pad[:, o: o + t] for o in range(w)], dim=-1)[:, None]  # (B, 1, T, W)
+        edge = slice(0, 1) if self.left else slice(-1, None)  # a padded position holding the boundary state
+        edge_k, edge_v = k[:, :, edge], v[:, :, edge]  # (B, H, 1, E)
+        scores = torch.where(inside, scores, (q * edge_k).sum(-1, keepdim=True))
+        p = (scores + self.rel_bias[:, None, :]).softmax(-1)
+        p_in = p.masked_fill(~inside, 0.0)
+        out = sum(p_in[..., o: o + 1] * v[:, :, o: o + t] for o in range(w))
+        return out + (p - p_in).sum(-1, keepdim=True) * edge_v
 
 
 class LoopBlock(nn.Module):
@@ -310,13 +331,14 @@ class LoopBlock(nn.Module):
             apply_weight_norm(self)
 
     def forward(self, z: Tensor, x: Tensor, rows: Tensor | None = None,
-                injected: Tensor | None = None) -> Tensor:  # (B, T, d) x2 -> (B, T, d)
+                injected: Tensor | None = None, segments: Tensor | None = None) -> Tensor:  # (B, T, d) x2 -> (B, T, d)
         """rows: which samples of the solve z and x are (a solver's active sub-batch), for dropout.
         injected: P x (`self.inject(x)`) computed once for the solve, so the iterations do not
-        recompute it (LoopedTransformer.cell); None computes it here."""
+        recompute it (LoopedTransformer.cell); None computes it here. segments: packed strings'
+        ids (B, T) for the attention (deqloop.packing)."""
         if self.cell_norm:  # the normalized weights from their parameters, fresh at every call (cheap)
             reset_norm(self, power=False)
-        attn = lambda h: self._drop(self.drop_attn, self.attn(h), rows)
+        attn = lambda h: self._drop(self.drop_attn, self.attn(h, segments), rows)
         mlp = lambda h: self._drop(self.drop_mlp, self.mlp(h), rows)
         if self.recall != "none" and injected is None:
             injected = self.inject(x)
@@ -382,9 +404,11 @@ class LoopedTransformer(nn.Module):
             x = x + self.pos[: tokens.shape[1]]
         return x
 
-    def f(self, z: Tensor, x: Tensor, rows: Tensor | None = None, injected: Tensor | None = None) -> Tensor:
+    def f(self, z: Tensor, x: Tensor, rows: Tensor | None = None, injected: Tensor | None = None,
+          segments: Tensor | None = None) -> Tensor:
         """One iteration of the loop: z_{k+1} = f(z_k, x) (rows: the samples of a sub-batch;
-        injected: `self.injection(x)` of the same grad mode, to reuse it across iterations)."""
+        injected: `self.injection(x)` of the same grad mode, to reuse it across iterations;
+        segments: the ids of packed strings, deqloop.packing)."""
         # Compilation and bf16 apply to training steps only: no-grad iterations stay eager (no
         # recompiles for sub-batch shapes) and float32 (a bf16 solve never meets a 1e-3 tolerance,
         # its rounding is ~1e-2, while float32 solves of the same weights converge: docs/TRAINING.md)
@@ -392,9 +416,9 @@ class LoopedTransformer(nn.Module):
         block = self.compiled_block if training_step and self.compiled_block is not None else self.block
         dtype = self._step_dtype(z.device)
         if dtype is None:
-            return block(z, x, rows, injected)
+            return block(z, x, rows, injected, segments)
         with torch.autocast(z.device.type, dtype=dtype):
-            return block(z, x, rows, injected).to(z.dtype)
+            return block(z, x, rows, injected, segments).to(z.dtype)
 
     def injection(self, x: Tensor) -> Tensor | None:
         """The recall term P x that every iteration adds (None without recall), computed as `f`
@@ -422,8 +446,9 @@ class LoopedTransformer(nn.Module):
         g = torch.Generator(device=x.device).manual_seed(self.cfg.z0_seed)
         return torch.randn(x.shape, generator=g, device=x.device, dtype=x.dtype)
 
-    def cell(self, x: Tensor):
-        """f(., x) as a solver sees it: (B, T, d) -> (B, T, d), or on a sub-batch `idx`.
+    def cell(self, x: Tensor, segments: Tensor | None = None):
+        """f(., x) as a solver sees it: (B, T, d) -> (B, T, d), or on a sub-batch `idx`
+        (segments: packed strings' ids (B, T), deqloop.packing).
 
         P x, the same at every iteration, is computed once per grad mode and train / eval mode
         (a solve runs its no-gradient and its differentiated iterations in different precisions)
@@ -439,13 +464,20 @@ class LoopedTransformer(nn.Module):
                 injections[key] = self.injection(x)
             u = injections[key]
             if idx is None:
-                return self.f(z, x, None, u)
-            return self.f(z, x[idx], idx, None if u is None else u[idx])
+                return self.f(z, x, None, u, segments)
+            return self.f(z, x[idx], idx, None if u is None else u[idx], None if segments is None else segments[idx])
 
         return f
 
     def head_logits(self, z: Tensor) -> Tensor:  # (B, T, d) -> (B, T, n_classes)
         return self.head(self.ln_head(z))
+
+    @property
+    def packable(self) -> bool:
+        """Whether strings of a padded batch can be packed end to end (deqloop.packing) with the same
+        scored outputs: causal local attention and no absolute positions, so a position depends only
+        on its own string's earlier positions, wherever in a row the string sits."""
+        return self.cfg.window is not None and self.cfg.causal and self.pos is None
 
     def forward(self, tokens: Tensor, solve: SolveConfig, *, max_iter: int | None = None,
                 tol: float | None = None, snapshots: tuple[int, ...] = ()) -> tuple[Tensor, SolverResult]:
@@ -464,13 +496,14 @@ class LoopedTransformer(nn.Module):
               tol: float | None = None, detach: int = 0,
               on_iterate: Callable[[int, Tensor], None] | None = None,
               generator: torch.Generator | None = None,
-              snapshots: tuple[int, ...] = ()) -> tuple[Tensor, SolverResult]:
+              snapshots: tuple[int, ...] = (), segments: Tensor | None = None) -> tuple[Tensor, SolverResult]:
         """The fixed point of f(., x) from z0, with its gradient attached (solvers.implicit).
 
         max_iter, tol: the forward budget and tolerance instead of solve's; with the unroll
         gradient, exactly max_iter iterations, the first `detach` of them without gradient, and
         `on_iterate(i, z_i)` called on each differentiated iterate. generator: the dropout masks'
-        (training with dropout only). snapshots: see `forward`.
+        (training with dropout only). snapshots: see `forward`. segments: packed strings' ids
+        (B, T) of a packed training batch (deqloop.packing).
         """
         self.block.start_solve(generator)
         # subbatch: f on the still-active samples only (the cell treats samples independently), so
@@ -483,7 +516,7 @@ class LoopedTransformer(nn.Module):
         self.backward_result = None  # this solve's adjoint solve, recorded by loss.backward()
         grad = solve.gradient
         return fixed_point(
-            self.cell(x), z0, solver=solve.solver, solver_options=options, grad=grad,
+            self.cell(x, segments), z0, solver=solve.solver, solver_options=options, grad=grad,
             b_solver=solve.b_solver, b_solver_options={"max_iter": solve.b_max_iter, "tol": solve.b_tol},
             phantom_steps=solve.phantom_steps, unroll_steps=options["max_iter"], unroll_detach=detach,
             on_iterate=on_iterate, on_backward=self._record_backward if grad == "ift" else None,

@@ -16,6 +16,10 @@ solve.gradient (ift, phantom, unroll). The recipe of the training loss lives her
   full-depth loss has no weight and the fixed point is solved without gradient.
 Every random draw comes from the step's `generator`, never from torch's global RNG: without
 one, the random prefix is the whole prefix, and the progressive loss refuses to run.
+
+With `pack`, a batch of strings of mixed lengths is solved packed end to end in fewer rows where
+that gives the same loss (deqloop.packing: a causal local loop, the unrolled gradient, no
+dropout or Jacobian terms), and its logits are put back in the batch's padded layout.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from deqloop.model import LoopedTransformer, SolveConfig
+from deqloop.packing import pack as pack_batch
 from solvers.regularize import fp_correction, fp_weights, jacobian_frobenius, spectral_radius_penalty
 from solvers.result import SolverResult
 from tasks import Task
@@ -42,6 +47,7 @@ class Scored:
     progressive: Tensor | None = None  # (B, T, C): the progressive term's logits
     jacobian: Tensor | None = None  # Hutchinson ||J||_F^2 / numel at z* (jac_reg > 0), differentiable
     rho_penalty: Tensor | None = None  # mean relu(rho(J) - target)^2 at z* (rho_reg > 0), differentiable
+    segments: Tensor | None = None  # (R, T) packed strings' ids where the batch was packed: x and result are per packed row
 
     def detached(self) -> Scored:
         """The same record without autograd history: what a step reads after its loss. (DDP walks a
@@ -52,8 +58,9 @@ class Scored:
 
 
 def training_forward(model: LoopedTransformer, tokens: Tensor, solve: SolveConfig,
-                     generator: torch.Generator | None = None) -> Scored:
-    """The loop solved as training differentiates it, with the logits the loss scores."""
+                     generator: torch.Generator | None = None, segments: Tensor | None = None) -> Scored:
+    """The loop solved as training differentiates it, with the logits the loss scores (segments:
+    the ids of packed strings, deqloop.packing)."""
     x = model.embed_input(tokens)
     z0 = model.z_init(x)
     steps, detach = solve.max_iter, min(solve.detach_iters, solve.max_iter - 1)
@@ -71,16 +78,17 @@ def training_forward(model: LoopedTransformer, tokens: Tensor, solve: SolveConfi
     progressive = solve.backward == "progressive" and torch.is_grad_enabled()
     with torch.set_grad_enabled(torch.is_grad_enabled() and not (progressive and solve.progressive_alpha == 1)):
         z, result = model.solve(x, z0, solve, max_iter=steps, detach=detach,
-                                on_iterate=score_along if every else None, generator=generator)
+                                on_iterate=score_along if every else None, generator=generator,
+                                segments=segments)
         logits = model.head_logits(z)
-    scored = Scored(logits, result, x, torch.stack(along) if along else None)
+    scored = Scored(logits, result, x, torch.stack(along) if along else None, segments=segments)
     if progressive:
-        scored.progressive = progressive_logits(model, x, z0, steps, solve.phantom_steps, generator)
+        scored.progressive = progressive_logits(model, x, z0, steps, solve.phantom_steps, generator, segments)
     return scored
 
 
 def progressive_logits(model: LoopedTransformer, x: Tensor, z0: Tensor, max_iter: int, k: int,
-                       generator: torch.Generator | None) -> Tensor:
+                       generator: torch.Generator | None, segments: Tensor | None = None) -> Tensor:
     """Deep thinking's progressive term: n ~ U{0..max_iter-k} iterations without gradient, then k with."""
     if generator is None:
         raise ValueError("the progressive loss draws its depth from a torch.Generator; pass one")
@@ -88,9 +96,9 @@ def progressive_logits(model: LoopedTransformer, x: Tensor, z0: Tensor, max_iter
     z = z0.detach()
     with torch.no_grad():
         for _ in range(n):
-            z = model.f(z, x)
+            z = model.f(z, x, segments=segments)
     for _ in range(k):
-        z = model.f(z, x)
+        z = model.f(z, x, segments=segments)
     return model.head_logits(z)
 
 
@@ -115,18 +123,38 @@ class TrainingObjective(nn.Module):
     `jac_samples` vectors from the step's generator, solvers.regularize.jacobian_frobenius);
     rho_reg > 0 adds rho_reg * mean relu(rho(J) - rho_target)^2 (5 power iterations,
     solvers.regularize.spectral_radius_penalty).
+    pack: solve a batch of mixed lengths packed into fewer rows where that is exact (`packs`).
     """
 
     def __init__(self, model: LoopedTransformer, task: Task, solve: SolveConfig, *, jac_reg: float = 0.0,
-                 jac_samples: int = 1, rho_reg: float = 0.0, rho_target: float = 0.9):
+                 jac_samples: int = 1, rho_reg: float = 0.0, rho_target: float = 0.9, pack: bool = False):
         super().__init__()
         self.model, self.task, self.solve = model, task, solve
         self.jac_reg, self.jac_samples = jac_reg, jac_samples
         self.rho_reg, self.rho_target = rho_reg, rho_target
+        self.pack = pack and self.packs(model, solve, jac_reg, rho_reg)
+
+    @staticmethod
+    def packs(model: LoopedTransformer, solve: SolveConfig, jac_reg: float = 0.0, rho_reg: float = 0.0) -> bool:
+        """Whether packing gives this objective's loss: a causal local loop (LoopedTransformer.packable)
+        with a fixed number of iterations per row (the unrolled gradient; a solve that stops each row
+        at its tolerance would stop a packed row when all its strings have), no dropout (one mask
+        per row) and no Jacobian terms (their per-row estimates would mix a row's strings)."""
+        return (model.packable and solve.gradient == "unroll" and not model.cfg.dropout
+                and jac_reg == 0 and rho_reg == 0)
 
     def forward(self, tokens: Tensor, targets: Tensor, generator: torch.Generator | None = None
                 ) -> tuple[Tensor, Scored]:
-        scored = training_forward(self.model, tokens, self.solve, generator)
+        packing = pack_batch(tokens, targets) if self.pack else None
+        if packing is None:
+            scored = training_forward(self.model, tokens, self.solve, generator)
+        else:
+            scored = training_forward(self.model, packing.tokens, self.solve, generator, packing.segments)
+            scored.logits = packing.unpack(scored.logits)
+            if scored.along is not None:
+                scored.along = packing.unpack(scored.along)
+            if scored.progressive is not None:
+                scored.progressive = packing.unpack(scored.progressive)
         loss = training_loss(self.task, scored, targets, self.solve)
         if self.jac_reg > 0 or self.rho_reg > 0:
             z = scored.result.z.detach().requires_grad_()

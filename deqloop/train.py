@@ -162,8 +162,8 @@ def jacobian_at_fixed_point(model: LoopedTransformer, batch: Batch, scored: Scor
     estimate over the batch, 20 products) and the Hutchinson ||J||_F^2 / numel (one vector)."""
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
-        z = scored.result.z.detach().requires_grad_()
-        fz = model.f(z, scored.x.detach())
+        z = scored.result.z.detach().requires_grad_()  # per packed row where the batch was packed
+        fz = model.f(z, scored.x.detach(), segments=scored.segments)
         frob = jacobian_frobenius(fz, z, generator=generator, create_graph=False)
         rho = spectral_radius_estimate(fz, z, n_iters=20, generator=generator)
     return {"jac_frobenius": float(frob), "rho_estimate": float(rho.max())}
@@ -224,7 +224,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
         run = Run(cfg, model_cfg, solve_cfg, procs, model, optimizer)
         run.open(resume)
         objective = TrainingObjective(model, task, solve_cfg, jac_reg=cfg.jac_reg, jac_samples=cfg.jac_reg_samples,
-                                      rho_reg=cfg.rho_reg, rho_target=cfg.rho_target)
+                                      rho_reg=cfg.rho_reg, rho_target=cfg.rho_target, pack=cfg.pack)
+        packs = objective.pack and len(set(cfg.train_difficulties)) > 1
         if procs.distributed:
             objective = DistributedDataParallel(objective, device_ids=[procs.device.index] if procs.device.type == "cuda"
                                                 else None, find_unused_parameters=may_leave_unused(model_cfg))
@@ -234,6 +235,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, solve_cfg: SolveConfig, *, r
         note = autocast_note(model_cfg, procs.device)
         if note:
             run.warn(note[1], kind=note[0])
+        if packs:
+            run.warn("pack: each batch's strings run end to end in fewer rows (the same loss; --no-pack to "
+                     "pad them instead)", kind="note")
         objective.train()
         local_batch = cfg.batch_size // procs.world_size
         params = [p for p in model.parameters() if p.requires_grad]  # the clip's order: the model's

@@ -41,6 +41,7 @@ class TrainConfig:
     rho_reg: float = 0.0  # weight of the pull of rho(J) at z* toward rho_target (0: off)
     rho_target: float = 0.9  # the spectral radius that pull aims at (one-sided: only a larger rho is penalized)
     compile: bool = False  # torch.compile the loop block for training steps (eager fallback, with a note)
+    pack: bool = True  # pack a batch of mixed lengths into fewer rows where the loss stays the same (deqloop.packing)
     tensorboard: bool = False  # also log every metrics row to out_dir/tensorboard (pip install 'deqloop[tensorboard]')
 
     def __post_init__(self):
@@ -79,7 +80,7 @@ class TrainConfig:
 # Fields a resumed run may change: they steer the run, not what it computes (`steps` changes the
 # cosine schedule from the resumed step on, which is what extending a run means).
 RUN_CONTROL = ("steps", "eval_every", "eval_size", "log_every", "ckpt_every", "keep_checkpoints",
-               "out_dir", "device", "tensorboard", "jac_log_every", "compile")
+               "out_dir", "device", "tensorboard", "jac_log_every", "compile", "pack")
 
 
 def stored_configs(ckpt: dict) -> tuple[TrainConfig, ModelConfig, SolveConfig]:
