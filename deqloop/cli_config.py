@@ -183,6 +183,7 @@ FLAG_HELP = {
         "batch_size": ("examples per step, over all processes", {"type": int}),
         "lr": ("peak learning rate", {"type": float}),
         "weight_decay": ("AdamW weight decay", {"type": float}),
+        "beta2": ("AdamW second-moment decay", {"type": float}),
         "warmup_steps": ("linear warmup steps", {"type": int}),
         "min_lr_ratio": ("cosine floor as a fraction of lr", {"type": float}),
         "grad_clip": ("gradient norm clip, 0 for none", {"type": float}),

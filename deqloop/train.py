@@ -114,7 +114,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(
         [{"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
          {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.999))
+        lr=cfg.lr, betas=(0.9, cfg.beta2))
 
 
 def train_step(objective: nn.Module, optimizer: torch.optim.Optimizer, params: list[Tensor], batch: Batch,

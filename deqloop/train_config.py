@@ -23,6 +23,7 @@ class TrainConfig:
     batch_size: int = 64  # examples per optimizer step, summed over all processes
     lr: float = 1e-3  # peak AdamW learning rate, reached after warmup
     weight_decay: float = 0.01  # AdamW decoupled decay (torch's default), on matrices and embeddings only
+    beta2: float = 0.999  # AdamW's second-moment decay (torch's default); lower forgets a quiet stretch's small gradients sooner
     warmup_steps: int = 100  # lr rises linearly from lr / warmup_steps to lr over these steps
     min_lr_ratio: float = 0.1  # cosine decay ends at min_lr_ratio * lr on the last step
     grad_clip: float = 1.0  # clip the global gradient norm to this (0: no clipping)
@@ -61,6 +62,8 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.beta2 < 1:
+            raise ConfigError(f"beta2 must be in [0, 1), got {self.beta2}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         if self.out_dir is None:

@@ -280,3 +280,15 @@ def test_train_compile_matches_eager(tmp_path, capsys):
     la, lb = rows(tmp_path / "eager"), rows(tmp_path / "compiled")
     assert [r["loss"] for r in lb] == pytest.approx([r["loss"] for r in la], rel=1e-4)
     assert rows(tmp_path / "compiled", "eval")[0]["acc"] == rows(tmp_path / "eager", "eval")[0]["acc"]
+
+
+def test_beta2_sets_adamws_second_moment_decay_and_is_checked():
+    from deqloop.errors import ConfigError
+    from deqloop.train import build_optimizer
+
+    model = build_model(ModelConfig(vocab_size=2, n_classes=2), seed=0)
+    for beta2 in (0.999, 0.95):
+        optimizer = build_optimizer(model, TrainConfig(task="prefix_sums", beta2=beta2))
+        assert all(group["betas"] == (0.9, beta2) for group in optimizer.param_groups)
+    with pytest.raises(ConfigError, match="beta2"):
+        TrainConfig(task="prefix_sums", beta2=1.0)
