@@ -240,14 +240,11 @@ class Attention(nn.Module):
             # tell "1" from "1 1", and a recurrence like parity needs to know where it starts.
             self.boundary = nn.Parameter(0.02 * torch.randn(cfg.d_model))
 
-    def forward(self, h: Tensor, segments: Tensor | None = None) -> Tensor:
-        """segments (B, T): which packed string each position is in (deqloop.packing; local
-        attention only): a window reaching before its string's start sees the boundary state."""
+    def forward(self, h: Tensor, window_mask: Tensor | None = None) -> Tensor:
+        """window_mask (B, 1, T, W): `window_mask(segments)` of packed strings (local attention only)."""
         if self.window is not None:
-            y = self._local(h, segments)
+            y = self._local(h, window_mask)
         else:
-            if segments is not None:
-                raise ValueError("packed segments need local attention (window set)")
             if self.relation_bias is None:
                 q, k, v = rearrange(self.qkv(h), "b t (three h e) -> three b h t e", three=3, h=self.n_heads)
                 y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
@@ -277,7 +274,17 @@ class Attention(nn.Module):
         scores = scores + self._relation_mask(q.shape[2]).to(scores.dtype)  # relations are never causal
         return scores.softmax(-1) @ v
 
-    def _local(self, h: Tensor, segments: Tensor | None = None) -> Tensor:
+    def window_mask(self, segments: Tensor) -> Tensor:
+        """(B, 1, T, W) bool: whether query i's window offset o lands in i's own string, for the
+        packed strings' ids `segments` (B, T) (deqloop.packing). The same at every iteration: a
+        solve computes it once (LoopedTransformer.cell)."""
+        if self.window is None:
+            raise ValueError("packed segments need local attention (window set)")
+        t, w = segments.shape[1], self.left + self.right + 1
+        seg_pad = F.pad(segments, (self.left, self.right), value=-1)
+        return torch.stack([segments == seg_pad[:, o: o + t] for o in range(w)], dim=-1)[:, None]
+
+    def _local(self, h: Tensor, window_mask: Tensor | None = None) -> Tensor:
         b, t, d = h.shape
         w = self.left + self.right + 1
         edge = self.boundary.expand(b, 1, d)
@@ -287,18 +294,16 @@ class Attention(nn.Module):
         # one shifted slice of the keys / values per window offset o: query i sees padded key i + o.
         # Views, not copies: 2x faster than unfolding (B, H, T, E, W) windows (bench/throughput.py).
         scores = torch.stack([(q * k[:, :, o: o + t]).sum(-1) for o in range(w)], dim=-1)
-        if segments is not None and w > 1:
-            return self._local_packed(q, k, v, scores, segments)
+        if window_mask is not None and w > 1:
+            return self._local_packed(q, k, v, scores, window_mask)
         p = (scores + self.rel_bias[:, None, :]).softmax(-1)  # (B, H, T, W), bias (H, 1, W) by offset
         return sum(p[..., o: o + 1] * v[:, :, o: o + t] for o in range(w))
 
-    def _local_packed(self, q: Tensor, k: Tensor, v: Tensor, scores: Tensor, segments: Tensor) -> Tensor:
+    def _local_packed(self, q: Tensor, k: Tensor, v: Tensor, scores: Tensor, inside: Tensor) -> Tensor:
         """_local's attention for strings packed end to end (deqloop.packing): where query i's
-        offset o lands in another string, it sees the boundary state's key and value instead, as
-        it would past the end of its own padded row."""
+        offset o lands in another string (`inside` False, `window_mask`), it sees the boundary
+        state's key and value instead, as it would past the end of its own padded row."""
         t, w = q.shape[2], scores.shape[-1]
-        seg_pad = F.pad(segments, (self.left, self.right), value=-1)
-        inside = torch.stack([segments == seg_pad[:, o: o + t] for o in range(w)], dim=-1)[:, None]  # (B, 1, T, W)
         edge = slice(0, 1) if self.left else slice(-1, None)  # a padded position holding the boundary state
         edge_k, edge_v = k[:, :, edge], v[:, :, edge]  # (B, H, 1, E)
         scores = torch.where(inside, scores, (q * edge_k).sum(-1, keepdim=True))
@@ -331,14 +336,14 @@ class LoopBlock(nn.Module):
             apply_weight_norm(self)
 
     def forward(self, z: Tensor, x: Tensor, rows: Tensor | None = None,
-                injected: Tensor | None = None, segments: Tensor | None = None) -> Tensor:  # (B, T, d) x2 -> (B, T, d)
+                injected: Tensor | None = None, window_mask: Tensor | None = None) -> Tensor:  # (B, T, d) x2 -> (B, T, d)
         """rows: which samples of the solve z and x are (a solver's active sub-batch), for dropout.
         injected: P x (`self.inject(x)`) computed once for the solve, so the iterations do not
-        recompute it (LoopedTransformer.cell); None computes it here. segments: packed strings'
-        ids (B, T) for the attention (deqloop.packing)."""
+        recompute it (LoopedTransformer.cell); None computes it here. window_mask: the attention's
+        mask of packed strings (Attention.window_mask)."""
         if self.cell_norm:  # the normalized weights from their parameters, fresh at every call (cheap)
             reset_norm(self, power=False)
-        attn = lambda h: self._drop(self.drop_attn, self.attn(h, segments), rows)
+        attn = lambda h: self._drop(self.drop_attn, self.attn(h, window_mask), rows)
         mlp = lambda h: self._drop(self.drop_mlp, self.mlp(h), rows)
         if self.recall != "none" and injected is None:
             injected = self.inject(x)
@@ -405,10 +410,10 @@ class LoopedTransformer(nn.Module):
         return x
 
     def f(self, z: Tensor, x: Tensor, rows: Tensor | None = None, injected: Tensor | None = None,
-          segments: Tensor | None = None) -> Tensor:
+          window_mask: Tensor | None = None) -> Tensor:
         """One iteration of the loop: z_{k+1} = f(z_k, x) (rows: the samples of a sub-batch;
         injected: `self.injection(x)` of the same grad mode, to reuse it across iterations;
-        segments: the ids of packed strings, deqloop.packing)."""
+        window_mask: `self.window_mask(segments)` of packed strings, deqloop.packing)."""
         # Compilation and bf16 apply to training steps only: no-grad iterations stay eager (no
         # recompiles for sub-batch shapes) and float32 (a bf16 solve never meets a 1e-3 tolerance,
         # its rounding is ~1e-2, while float32 solves of the same weights converge: docs/TRAINING.md)
@@ -416,9 +421,9 @@ class LoopedTransformer(nn.Module):
         block = self.compiled_block if training_step and self.compiled_block is not None else self.block
         dtype = self._step_dtype(z.device)
         if dtype is None:
-            return block(z, x, rows, injected, segments)
+            return block(z, x, rows, injected, window_mask)
         with torch.autocast(z.device.type, dtype=dtype):
-            return block(z, x, rows, injected, segments).to(z.dtype)
+            return block(z, x, rows, injected, window_mask).to(z.dtype)
 
     def injection(self, x: Tensor) -> Tensor | None:
         """The recall term P x that every iteration adds (None without recall), computed as `f`
@@ -448,13 +453,15 @@ class LoopedTransformer(nn.Module):
 
     def cell(self, x: Tensor, segments: Tensor | None = None):
         """f(., x) as a solver sees it: (B, T, d) -> (B, T, d), or on a sub-batch `idx`
-        (segments: packed strings' ids (B, T), deqloop.packing).
+        (segments: packed strings' ids (B, T), deqloop.packing; their attention mask is built
+        here, once for the solve).
 
         P x, the same at every iteration, is computed once per grad mode and train / eval mode
         (a solve runs its no-gradient and its differentiated iterations in different precisions)
         and reused, which saves a d x d matmul per iteration, forward and backward. A cell belongs
         to one solve: build a new one after the weights change."""
         injections: dict[tuple[bool, bool], Tensor | None] = {}
+        mask = self.window_mask(segments)
 
         def f(z: Tensor, idx: Tensor | None = None) -> Tensor:
             if idx is not None and idx.numel() == x.shape[0]:
@@ -464,13 +471,17 @@ class LoopedTransformer(nn.Module):
                 injections[key] = self.injection(x)
             u = injections[key]
             if idx is None:
-                return self.f(z, x, None, u, segments)
-            return self.f(z, x[idx], idx, None if u is None else u[idx], None if segments is None else segments[idx])
+                return self.f(z, x, None, u, mask)
+            return self.f(z, x[idx], idx, None if u is None else u[idx], None if mask is None else mask[idx])
 
         return f
 
     def head_logits(self, z: Tensor) -> Tensor:  # (B, T, d) -> (B, T, n_classes)
         return self.head(self.ln_head(z))
+
+    def window_mask(self, segments: Tensor | None) -> Tensor | None:
+        """The attention's mask (B, 1, T, W) of packed strings' ids `segments` (None: None), for `f`."""
+        return None if segments is None else self.block.attn.window_mask(segments)
 
     @property
     def packable(self) -> bool:

@@ -93,12 +93,12 @@ def progressive_logits(model: LoopedTransformer, x: Tensor, z0: Tensor, max_iter
     if generator is None:
         raise ValueError("the progressive loss draws its depth from a torch.Generator; pass one")
     n = int(torch.randint(0, max(max_iter - k, 0) + 1, (1,), generator=generator))
-    z = z0.detach()
+    z, mask = z0.detach(), model.window_mask(segments)
     with torch.no_grad():
         for _ in range(n):
-            z = model.f(z, x, segments=segments)
+            z = model.f(z, x, window_mask=mask)
     for _ in range(k):
-        z = model.f(z, x, segments=segments)
+        z = model.f(z, x, window_mask=mask)
     return model.head_logits(z)
 
 

@@ -6,7 +6,7 @@ causal loop with local attention and no absolute positions, a position depends o
 the positions before it in its own string, so a string's scored positions come out the same
 wherever in a row the string sits, provided attention does not reach across the start of a string.
 `pack` lays the strings end to end into rows of the batch's width (first fit, longest first), and
-the attention (`Attention._local` with `segments`) shows each string's first positions the learned
+the attention (`Attention._local` with `Attention.window_mask(segments)`) shows each string's first positions the learned
 boundary state where their window reaches before the string, as the padded layout does. The
 logits are then put back in the padded layout (`Packing.unpack`), so the loss, the batch accuracy
 and everything else a training step reads are the same numbers to float rounding (a test checks

@@ -163,7 +163,7 @@ def jacobian_at_fixed_point(model: LoopedTransformer, batch: Batch, scored: Scor
     generator = torch.Generator().manual_seed(seed)
     with torch.enable_grad():
         z = scored.result.z.detach().requires_grad_()  # per packed row where the batch was packed
-        fz = model.f(z, scored.x.detach(), segments=scored.segments)
+        fz = model.f(z, scored.x.detach(), window_mask=model.window_mask(scored.segments))
         frob = jacobian_frobenius(fz, z, generator=generator, create_graph=False)
         rho = spectral_radius_estimate(fz, z, n_iters=20, generator=generator)
     return {"jac_frobenius": float(frob), "rho_estimate": float(rho.max())}

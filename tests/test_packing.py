@@ -115,6 +115,5 @@ def test_packing_stays_off_where_it_would_change_the_loss(model_over, solve_over
 
 def test_packed_segments_need_local_attention():
     model = build_model(ModelConfig(vocab_size=2, n_classes=2, window=None, causal=True), seed=0)
-    x = torch.zeros(2, 8, 64)
     with pytest.raises(ValueError, match="local attention"):
-        model.f(x, x, segments=torch.zeros(2, 8, dtype=torch.long))
+        model.window_mask(torch.zeros(2, 8, dtype=torch.long))
