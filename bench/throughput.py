@@ -25,7 +25,9 @@ start and end. Every batch comes from a seeded numpy Generator; the global RNG i
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import math
 import os
 import statistics
 import sys
@@ -37,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from bench._memory import peak_alloc_bytes  # noqa: E402
@@ -60,6 +63,55 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False) as counter:
         fn()
     return int(counter.get_total_flops())
+
+
+class MatmulCalls(TorchDispatchMode):
+    """Every matrix product a call runs (forward and backward), by op, operand shapes, strides and dtype."""
+
+    OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+    def __init__(self):
+        super().__init__()
+        self.calls: collections.Counter = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in self.OPS:
+            ops = args if name in ("mm", "bmm") else args[1:3]
+            a, b = ops[0], ops[1]
+            self.calls[(name, tuple(a.shape), tuple(a.stride()), tuple(b.shape), tuple(b.stride()), a.dtype)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def _strided_randn(shape, stride, dtype, generator) -> torch.Tensor:
+    """Random values laid out with these strides (stride 0, an expanded operand, included)."""
+    extent = 1 + sum((n - 1) * st for n, st in zip(shape, stride) if n > 0)
+    return torch.randn(extent, generator=generator).to(dtype).as_strided(shape, stride)
+
+
+def matmul_seconds(calls: collections.Counter, repeats: int = 3) -> tuple[float, list[dict]]:
+    """Seconds the same matrix products take alone (operands of the same shapes, strides and dtype, the
+    best of `repeats` for each), the time a step would take if everything but its products were free;
+    and per kind of product, its count, seconds and GFLOP/s, slowest first. Operands stay in cache
+    between repeats, so this is a lower bound on the step's own product time."""
+    g = torch.Generator().manual_seed(0)
+    total, kinds = 0.0, []
+    for (name, a_shape, a_stride, b_shape, b_stride, dtype), count in calls.items():
+        a, b = (_strided_randn(shape, stride, dtype, g) for shape, stride in ((a_shape, a_stride), (b_shape, b_stride)))
+        op = torch.mm if name in ("mm", "addmm") else torch.bmm
+        op(a, b)  # warm-up
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for _ in range(count):
+                op(a, b)
+            best = min(best, time.perf_counter() - t0)
+        total += best
+        flops = 2 * count * math.prod(a_shape) * b_shape[-1]
+        kinds.append({"op": name, "a": list(a_shape), "b": list(b_shape), "transposed": [a_stride[-1] != 1, b_stride[-1] != 1],
+                      "dtype": str(dtype).removeprefix("torch."), "count": count, "seconds": best,
+                      "gflops": flops / best / 1e9})
+    return total, sorted(kinds, key=lambda k: -k["seconds"])
 
 
 def recipe_parts(task_name: str, preset: str | None, seed: int = 0, model_over: dict | None = None,
@@ -108,12 +160,14 @@ def _biased_sdpa(self, q, k, v):
 
 
 def measure_recipe(task_name: str, preset: str | None, steps: int, peaks: dict[str, float], variant: str = "eager",
-                   flops: int | None = None) -> dict:
+                   flops: int | None = None, ceiling: bool = False) -> dict:
     """One recipe in one variant: eager (the code as it is), compile (train --compile), bf16
     (--autocast bf16), unfold (eager with the old local attention), sdpa (eager with the old
     relation-biased attention), jac (--jac-reg, one vector), rho (--rho-reg), nopack (--no-pack). `flops`: the count to use (the eager step's: the other variants do the same
     arithmetic; for jac and rho, the eager step's, so their fraction of peak reads as a slowdown).
-    `peaks`: matmul FLOP/s by dtype name ("float32", and "bfloat16" where native)."""
+    `peaks`: matmul FLOP/s by dtype name ("float32", and "bfloat16" where native). `ceiling`: also time
+    the step's own matrix products alone (MatmulCalls, matmul_seconds): the fraction of peak the step
+    would reach if nothing else cost time."""
     from deqloop import model as model_module
     from deqloop.train import train_step
 
@@ -126,7 +180,7 @@ def measure_recipe(task_name: str, preset: str | None, steps: int, peaks: dict[s
     if variant == "sdpa":
         model_module.Attention._biased = _biased_sdpa
     try:
-        return _measure(task_name, preset, steps, peaks, variant, flops, train_step)
+        return _measure(task_name, preset, steps, peaks, variant, flops, train_step, ceiling)
     finally:
         model_module.Attention._local, model_module.Attention._biased = saved
 
@@ -144,7 +198,7 @@ OVERRIDES = {"bf16": ({"autocast": "bf16"}, None), "nopack": (None, {"pack": Fal
              "rho": (None, {"rho_reg": 1.0, "rho_target": 0.9})}
 
 
-def _measure(task_name, preset, steps, peaks, variant, flops, train_step) -> dict:
+def _measure(task_name, preset, steps, peaks, variant, flops, train_step, ceiling=False) -> dict:
     from deqloop.model import autocast_dtype
 
     model_over, train_over = OVERRIDES.get(variant, (None, None))
@@ -179,6 +233,12 @@ def _measure(task_name, preset, steps, peaks, variant, flops, train_step) -> dic
         step(i)
         times.append(time.perf_counter() - t0)
     train_s = statistics.median(times)
+    matmul_s, matmul_kinds = float("nan"), []
+    if ceiling and variant != "compile":
+        recorder = MatmulCalls()
+        with recorder:
+            step(3)
+        matmul_s, matmul_kinds = matmul_seconds(recorder.calls)
 
     model.eval()
     test_d = (cfg.test_difficulties or task.test_difficulties)[0]
@@ -201,6 +261,7 @@ def _measure(task_name, preset, steps, peaks, variant, flops, train_step) -> dic
             "train_fraction_of_peak": flops / train_s / peak,
             "train_fraction_of_fp32_peak": flops / train_s / peaks["float32"],
             "train_peak_alloc_mib": peak_bytes / 2 ** 20,
+            "train_matmul_s": matmul_s, "train_ceiling_fraction": flops / matmul_s / peak, "train_matmuls": matmul_kinds,
             "eval_difficulty": test_d, "eval_batch": int(test.inputs.shape[0]), "eval_f_evals": evals,
             "eval_s": eval_s, "eval_f_evals_per_s": evals / eval_s, "eval_gflops": eval_flops / eval_s / 1e9,
             "eval_fraction_of_peak": eval_flops / eval_s / peaks["float32"]}  # solves run in float32
@@ -210,12 +271,18 @@ def print_row(r: dict) -> None:
     compiled = f" (first step {r['warmup_s']:.0f} s)" if r["variant"] == "compile" else ""
     low = r["train_dtype"] != "float32"
     fp32 = f" ({r['train_fraction_of_fp32_peak']:.2f} of fp32)" if low else ""
+    ceiling = (f" | its products alone {r['train_matmul_s'] * 1e3:.1f} ms, ceiling {r['train_ceiling_fraction']:.2f} of peak"
+               if r["train_matmul_s"] == r["train_matmul_s"] else "")
     print(f"{r['task']:>11} {r['preset']:<7} {r['variant']:<7} train {r['train_step_s'] * 1e3:7.1f} ms/step "
           f"{r['train_flops'] / 1e9:6.2f} GFLOP {r['train_gflops']:6.1f} GFLOP/s {r['train_fraction_of_peak']:.2f} "
-          f"of {'bf16 ' if low else ''}peak{fp32} {r['train_peak_alloc_mib']:5.0f} MiB{compiled} | "
+          f"of {'bf16 ' if low else ''}peak{fp32} {r['train_peak_alloc_mib']:5.0f} MiB{compiled}{ceiling} | "
           f"eval d={r['eval_difficulty']} "
           f"B={r['eval_batch']} {r['eval_f_evals_per_s']:6.1f} f/s {r['eval_gflops']:5.1f} GFLOP/s "
           f"({r['eval_fraction_of_peak']:.2f})", flush=True)
+    for k in r["train_matmuls"][:4]:  # where the products' own time goes (--ceiling)
+        shapes = " x ".join(f"{tuple(s)}{'^T' if t else ''}" for s, t in zip((k["a"], k["b"]), k["transposed"]))
+        print(f"{'':>20} {k['count']:4d} x {k['op']:<7} {shapes:<36} {k['seconds'] * 1e3:7.1f} ms "
+              f"{k['gflops']:6.1f} GFLOP/s", flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -228,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
                         "nopack (train --no-pack: mixed lengths padded)")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per recipe (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--ceiling", action="store_true",
+                   help="also time each step's own matrix products alone (same shapes, strides, dtype): the "
+                        "fraction of peak the step would reach if nothing else cost time")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number here")
     args = p.parse_args(argv)
     if args.threads:
@@ -251,7 +321,8 @@ def main(argv: list[str] | None = None) -> int:
             eager_flops = None
             for variant in args.variants.split(","):
                 # nopack pads, so it does more arithmetic than eager's packed step: its own count
-                r = measure_recipe(name, preset, args.steps, peaks, variant, None if variant == "nopack" else eager_flops)
+                r = measure_recipe(name, preset, args.steps, peaks, variant, None if variant == "nopack" else eager_flops,
+                                   ceiling=args.ceiling)
                 if not r:
                     continue
                 if variant == "eager":
