@@ -350,6 +350,9 @@ def add_grid(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="settings", type=solver_option, action="append", metavar="SECTION.FIELD=VALUE",
                    help="a setting over the grid's for every cell, e.g. train.jac_reg=0.5 or solve.gradient=ift "
                         "(SECTION: train, model, solve, diagnose; repeatable; another value needs another --root)")
+    p.add_argument("--iters", type=int_list, metavar="N,N,..",
+                   help="test-time budgets of every cell's eval (default: the grid's, in deqloop/grid.py GRIDS; e.g. "
+                        "16x a --set solve.max_iter that is not the grid's; another value needs another --root)")
     p.add_argument("--jobs", type=positive_int, default=1, metavar="N",
                    help="runs at once, each with cores/N threads (default: %(default)s)")
     p.add_argument("--threads", type=positive_int, default=None, metavar="N",
@@ -368,8 +371,8 @@ def run_grid_command(args) -> int:
     if args.task not in GRIDS:
         raise UsageError(f"no grid for task {args.task!r}; choose from {', '.join(GRIDS)}")
     spec = GRIDS[args.task]
-    changes = {k: getattr(args, a) for k, a in (("recalls", "recall"), ("norms", "norm"), ("seeds", "seeds"))
-               if getattr(args, a)}
+    changes = {k: getattr(args, a) for k, a in (("recalls", "recall"), ("norms", "norm"), ("seeds", "seeds"),
+                                                 ("iters", "iters")) if getattr(args, a)}
     if args.steps:
         changes["train"] = {**spec.train, "steps": args.steps}
     spec = with_settings(replace(spec, **changes), args.settings or [])

@@ -172,6 +172,8 @@ def spec_changes(spec: GridSpec) -> list[str]:
         mine, theirs = getattr(spec, section), getattr(base, section)
         out += [f"{section}.{k}={mine[k]}" for k in sorted(mine) if k not in theirs or theirs[k] != mine[k]]
         out += [f"{section}.{k} (the task's default)" for k in sorted(set(theirs) - set(mine))]
+    if spec.iters != base.iters:
+        out.append("iters=" + ",".join(map(str, spec.iters)))
     return out
 
 

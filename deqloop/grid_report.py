@@ -200,6 +200,11 @@ def write_report(spec: GridSpec, summary: dict, out_dir: str | Path, root_label:
     return [md, *paths]
 
 
+def _flag(change: str) -> str:
+    """A spec_changes entry as the grid command's flag: iters=... is --iters, the rest --set."""
+    return f" --iters {change[6:]}" if change.startswith("iters=") else f" --set {change}"
+
+
 def markdown(summary: dict, figures: list[str]) -> str:
     task, iters = summary["task"], summary["iters"]
     hard = ", ".join(map(str, summary["harder_difficulties"]))
@@ -207,7 +212,7 @@ def markdown(summary: dict, figures: list[str]) -> str:
     metric = ("exact-match accuracy" if summary["metric"] == "acc"
               else f"`{summary['metric']}` (the task's metric; exact accuracy in the column *exact harder*)")
     lines = [f"# Grid: {task}", "",
-             f"Written by `python cli.py grid {task}{''.join(f' --set {c}' for c in changes if '=' in c)}` (or `--report-only`); {summary['n_done']} of {summary['n_cells']} cells "
+             f"Written by `python cli.py grid {task}{''.join(_flag(c) for c in changes if '=' in c)}` (or `--report-only`); {summary['n_done']} of {summary['n_cells']} cells "
              f"done (settings fingerprint `{summary['fingerprint']}`).", "",
              f"Size: {summary['note']}." if summary["note"] else "", "",
              *([f"Settings over the grid's: {', '.join(f'`{c}`' for c in changes)}.", ""] if changes else []),

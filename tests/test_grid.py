@@ -3,6 +3,7 @@ settings cannot silently mix; the report's statistics are right on known numbers
 
 import json
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -222,3 +223,18 @@ def test_cli_grid_set_changes_every_cell_and_is_checked(capsys, tmp_path):
     for bad, words in ((["--set", "jac_reg=1"], "SECTION.FIELD"), (["--set", "train.nosuch=1"], "nosuch"),
                        (["--set", "train.jac_reg=abc"], "jac_reg"), (["--set", "model.recall=none"], "recall")):
         assert_usage_error(*run(capsys, "grid", "prefix_sums", *bad, "--report-only", "--root", tmp_path)[::2], words)
+
+
+def test_cli_grid_iters_sets_every_cells_budgets_and_is_checked(capsys, tmp_path):
+    from deqloop.grid import GRIDS, spec_changes
+
+    spec = replace(GRIDS["prefix_sums"], iters=(60, 960))
+    assert spec.fingerprint() != GRIDS["prefix_sums"].fingerprint()  # another root, never a silent mix
+    assert spec_changes(spec) == ["iters=60,960"]
+    code, _, _ = run(capsys, "grid", "prefix_sums", "--iters", "60,960", "--set", "solve.max_iter=60",
+                     "--report-only", "--root", tmp_path)
+    assert code == 0
+    report = (tmp_path / "prefix_sums" / "prefix_sums.md").read_text()
+    assert "grid prefix_sums --set solve.max_iter=60 --iters 60,960`" in report and "`iters=60,960`" in report
+    assert_usage_error(*run(capsys, "grid", "prefix_sums", "--iters", "0,20", "--report-only", "--root", tmp_path)[::2],
+                       "16,32")
