@@ -20,12 +20,12 @@ solved plainly to a tight tolerance (--z-tol) for z*; samples that do not get th
 and left out. At z*, per sample, from e0 = z0 - z* (the model's own start): plain iteration's
 linear residuals ||J^k r0|| and GMRES's (batched Arnoldi on J u, a double-vjp product,
 deqloop.krylov.Linearization; two Gram-Schmidt passes). Columns: "plain lin" and "gmres", the
-products each needs to reach the tolerance (a sample that never does counts --krylov, a bound
-the ratio says it hit); "ratio", their quotient (means over samples, and the median of the
-per-sample quotients); the median spectral radius of the Arnoldi matrix (its Ritz values); and,
-for comparison, the evaluations that plain iteration and the default Anderson really took from
-z0 at the checkpoint's tolerance. Writes a plot of the median residual curves and the Ritz values
-(--plot) and every number (--json).
+products each needs to reach the tolerance (a sample that never does within --krylov products
+counts --krylov + 1; "capped" says how many did not); "ratio", their quotient (means over
+samples, and the median of the per-sample quotients); the median spectral radius of the Arnoldi
+matrix (its Ritz values); and, for comparison, the evaluations that plain iteration and the
+default Anderson really took from z0 at the checkpoint's tolerance (budget --z-iter). Writes a
+plot of the median residual curves and the Ritz values (--plot) and every number (--json).
 """
 
 from __future__ import annotations
