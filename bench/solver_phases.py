@@ -11,6 +11,9 @@ iteration to Anderson (--m, the guard restarting without limit) at the first ite
 is under tau: total evaluations (plain's up to the switch plus Anderson's, within the same budget),
 exact accuracy and converged fraction, over all samples and over those plain iteration converges.
 A switch at a large tau accelerates the nonlinear phase; a switch at a small one only the linear tail.
+Anderson gets the whole budget after the switch: evaluations are capped at the budget and a
+sample that needs more counts as not converged, but its answer is read where Anderson stopped, so
+the exact column of a switched solve can only flatter it.
 """
 
 from __future__ import annotations
