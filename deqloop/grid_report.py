@@ -214,7 +214,8 @@ def markdown(summary: dict, figures: list[str]) -> str:
     lines = [f"# Grid: {task}", "",
              f"Written by `python cli.py grid {task}{''.join(_flag(c) for c in changes if '=' in c)}` (or `--report-only`); {summary['n_done']} of {summary['n_cells']} cells "
              f"done (settings fingerprint `{summary['fingerprint']}`).", "",
-             f"Size: {summary['note']}." if summary["note"] else "", "",
+             f"Size: {summary['note']}" + "".join(f" (budgets here: {c[6:]}, `--iters`)" for c in changes
+                                                 if c.startswith("iters=")) + "." if summary["note"] else "", "",
              *([f"Settings over the grid's: {', '.join(f'`{c}`' for c in changes)}.", ""] if changes else []),
              f"Metric: {metric}. Values in %, mean ± standard deviation over seeds (a diverged run counts as 0; "
              "*div* in the last column). "

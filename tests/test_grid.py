@@ -236,5 +236,6 @@ def test_cli_grid_iters_sets_every_cells_budgets_and_is_checked(capsys, tmp_path
     assert code == 0
     report = (tmp_path / "prefix_sums" / "prefix_sums.md").read_text()
     assert "grid prefix_sums --set solve.max_iter=60 --iters 60,960`" in report and "`iters=60,960`" in report
+    assert "(budgets here: 60,960, `--iters`)." in report  # the grid's size note names other budgets
     assert_usage_error(*run(capsys, "grid", "prefix_sums", "--iters", "0,20", "--report-only", "--root", tmp_path)[::2],
                        "16,32")
