@@ -86,6 +86,20 @@ def gmres_residuals(h: np.ndarray, beta: np.ndarray) -> np.ndarray:
     return out
 
 
+def power_residuals(h: np.ndarray, beta: np.ndarray) -> np.ndarray:
+    """(B, k+1): plain iteration's residual norms ||J^j r0||, j = 0..k, read from the Arnoldi matrix
+    (J^j r0 = beta V_{j+1} H_j ... H_1 e_1 with V orthonormal), so they cost no product with J."""
+    b, kp1, k = h.shape
+    y = np.zeros((b, kp1))
+    y[:, 0] = beta
+    out = np.empty((b, kp1))
+    out[:, 0] = beta
+    for j in range(k):
+        y = np.einsum("bij,bj->bi", h[:, :, : j + 1], y[:, : j + 1])  # H is upper Hessenberg
+        out[:, j + 1] = np.linalg.norm(y, axis=1)
+    return out
+
+
 def first_below(curves: np.ndarray, thresh: np.ndarray) -> np.ndarray:
     """Per row, the first index at which the curve is at most thresh (the length if never)."""
     below = curves <= thresh[:, None]
@@ -96,12 +110,13 @@ def bound_one(model, task, batch, *, tol: float, z_tol: float, z_iter: int, k: i
     x = model.embed_input(batch.inputs)
     z0 = model.z_init(x)
     cell = model.cell(x)
-    real = {}
-    for name in ("fixed_point_iter", "anderson"):
-        res = solvers.solve(cell, z0, method=name, tol=tol, max_iter=z_iter, stop_mode="rel", subbatch=True)
-        real[name] = (res.n_steps.double(), res.converged)
     tight = solvers.solve(cell, z0, method="fixed_point_iter", tol=z_tol, max_iter=z_iter, stop_mode="rel",
                           subbatch=True)
+    below = tight.trace < tol  # plain iteration at tol is the head of the tight solve: read it off its trace
+    real = {"fixed_point_iter": (torch.where(below.any(dim=1), below.int().argmax(dim=1) + 1, z_iter).double(),
+                                 below.any(dim=1))}
+    res = solvers.solve(cell, z0, method="anderson", tol=tol, max_iter=z_iter, stop_mode="rel", subbatch=True)
+    real["anderson"] = (res.n_steps.double(), res.converged)
     keep = tight.converged
     n_kept = int(keep.sum())
     row = {"n": int(keep.numel()), "n_used": n_kept}
@@ -117,14 +132,8 @@ def bound_one(model, task, batch, *, tol: float, z_tol: float, z_iter: int, k: i
 
     flat = e0.reshape(n_kept, -1)
     r0 = jv(flat) - flat  # the linear model's first residual (J - I) e0
-    plain = [r0.double().norm(dim=1)]
-    r = r0
-    for _ in range(k):
-        r = jv(r)  # plain iteration's residuals in the linear regime: J^k r0
-        plain.append(r.double().norm(dim=1))
-    plain = torch.stack(plain, dim=1).numpy()
     h, beta = arnoldi(jv, r0, k)
-    gm = gmres_residuals(h, beta)
+    plain, gm = power_residuals(h, beta), gmres_residuals(h, beta)  # plain iteration's: ||J^j r0||
     thresh = tol * zs.reshape(n_kept, -1).double().norm(dim=1).numpy()
     k_plain, k_gm = first_below(plain, thresh), first_below(gm, thresh)
     ritz = [np.linalg.eigvals(h[s, :k, :k]) for s in range(n_kept)]

@@ -44,14 +44,15 @@ def phases(model, task, batch, *, tol: float, budget: int, thresholds, m: int) -
     res = torch.stack(res, dim=1)  # (B, budget): residual of the iterate after k evaluations
     conv = (res < tol).any(dim=1)
     steps = torch.where(conv, (res < tol).float().argmax(dim=1) + 1, torch.tensor(budget)).double()
-    plain = solvers.solve(cell, iterates[0], method="fixed_point_iter", tol=tol, max_iter=budget, stop_mode="rel",
-                          subbatch=True)  # the solver's own answer (it returns its best iterate)
-    exact = task.exact_match(task.predict(model.head_logits(plain.z), batch.inputs), batch)
+    # plain iteration's answer, as the solver returns it: the iterate that met tol, else the best one
+    batch_idx = torch.arange(res.shape[0])
+    answer = torch.where(conv, steps.long() - 1, res.argmin(dim=1))
+    plain_z = torch.stack([iterates[int(k)][i] for i, k in zip(batch_idx, answer)])
+    exact = task.exact_match(task.predict(model.head_logits(plain_z), batch.inputs), batch)
     lines = [f"plain: exact {exact.double().mean():.1%}  converged {conv.double().mean():.1%}  evaluations "
              f"{steps.mean():.1f}; on its converged samples, evaluations to residual "
              + ", ".join(f"{t:g}: {((res[conv] < t).float().argmax(dim=1) + 1).double().mean():.1f}"
                          for t in (*thresholds, tol))]
-    batch_idx = torch.arange(res.shape[0])
     for tau in thresholds:
         hit = res < tau
         switch = torch.where(hit.any(dim=1), hit.float().argmax(dim=1), torch.tensor(budget - 1))

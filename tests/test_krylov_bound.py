@@ -3,7 +3,7 @@
 import numpy as np
 import torch
 
-from bench.krylov_bound import arnoldi, first_below, gmres_residuals
+from bench.krylov_bound import arnoldi, first_below, gmres_residuals, power_residuals
 
 
 def _matvec(mats: torch.Tensor):
@@ -17,7 +17,12 @@ def test_gmres_residuals_equal_least_squares_over_the_krylov_space():
     r0 = torch.randn(b, d, generator=g, dtype=torch.float64)
     h, beta = arnoldi(_matvec(mats), r0, k)
     got = gmres_residuals(h, beta)
+    powers = power_residuals(h, beta)  # plain iteration's ||J^j r0||, read from H without products
     for s in range(b):
+        r = r0[s].numpy()
+        for j in range(k + 1):
+            assert abs(powers[s, j] - np.linalg.norm(r)) <= 1e-9 * np.linalg.norm(r0[s].numpy())
+            r = mats[s].numpy() @ r
         a = np.eye(d) - mats[s].numpy()
         cols, v = [], r0[s].numpy()
         for j in range(k + 1):
@@ -42,6 +47,7 @@ def test_on_a_spectrum_filling_a_circle_gmres_gains_only_a_constant():
     want = [1 / np.sqrt(sum(rho ** (-2 * i) for i in range(j + 1))) for j in range(k + 1)]
     np.testing.assert_allclose(got, want, rtol=1e-10)
     plain = np.array([rho ** j for j in range(k + 1)])
+    np.testing.assert_allclose(power_residuals(h, beta)[0], plain, rtol=1e-10)
     assert np.all(got <= plain + 1e-15) and got[-1] > 0.85 * plain[-1]
 
 
