@@ -12,9 +12,11 @@ For each recipe, in one process, on the same threads (torch's count, or --thread
   fraction of the matmul peak; peak bytes of live tensors during a step (bench/_memory.py).
 - eval: one no-gradient solve of a test batch at the recipe's first test difficulty, with the
   training budget: f evaluations per second and GFLOP/s.
-- peak: a 1024 x 1024 matmul timed in the same run (the best of several), the ceiling the
-  achieved rates are divided by: float32, and bfloat16 where the CPU runs it natively. A step
-  whose block runs under bf16 autocast (the chess recipes on such a CPU) is divided by the
+- peak: a 1024 x 1024 matmul (the best of several), the ceiling the achieved rates are divided
+  by: float32, and bfloat16 where the CPU runs it natively; timed at the start and end of the
+  run, and for each row just before and after its timed steps (the mean of the two, `row peak`
+  in GFLOP/s, is what that row's fractions divide by: the rate drifted 10-15% within a run). A step
+  whose block runs under bf16 autocast (the chess and sudoku defaults on such a CPU) is divided by the
   bfloat16 peak (`of peak`), and by the float32 one as well (`of fp32`); its head, loss and
   optimizer stay float32, so neither ceiling is exact for it.
 
@@ -162,7 +164,7 @@ def _biased_sdpa(self, q, k, v):
 def measure_recipe(task_name: str, preset: str | None, steps: int, peaks: dict[str, float], variant: str = "eager",
                    flops: int | None = None, ceiling: bool = False) -> dict:
     """One recipe in one variant: eager (the code as it is), compile (train --compile), bf16
-    (--autocast bf16), unfold (eager with the old local attention), sdpa (eager with the old
+    (--autocast bf16), fp32 (--autocast none), unfold (eager with the old local attention), sdpa (eager with the old
     relation-biased attention), jac (--jac-reg, one vector), rho (--rho-reg), nopack (--no-pack). `flops`: the count to use (the eager step's: the other variants do the same
     arithmetic; for jac and rho, the eager step's, so their fraction of peak reads as a slowdown).
     `peaks`: matmul FLOP/s by dtype name ("float32", and "bfloat16" where native). `ceiling`: also time
@@ -172,12 +174,13 @@ def measure_recipe(task_name: str, preset: str | None, steps: int, peaks: dict[s
     from deqloop.train import train_step
 
     model_cfg = get_model_config(task_name, preset)
-    if (variant == "unfold" and model_cfg.window is None) or (variant == "sdpa" and model_cfg.relations is None):
+    parts = variant.split("+")
+    if ("unfold" in parts and model_cfg.window is None) or ("sdpa" in parts and model_cfg.relations is None):
         return {}
     saved = model_module.Attention._local, model_module.Attention._biased
-    if variant == "unfold":
+    if "unfold" in parts:
         model_module.Attention._local = _local_unfold
-    if variant == "sdpa":
+    if "sdpa" in parts:
         model_module.Attention._biased = _biased_sdpa
     try:
         return _measure(task_name, preset, steps, peaks, variant, flops, train_step, ceiling)
@@ -194,19 +197,25 @@ def get_model_config(task_name: str, preset: str | None):
 
 # variants that change the recipe's configs: (ModelConfig fields, TrainConfig fields) over it;
 # jac and rho add the stabilizer's term to the step (one Hutchinson vector for jac)
-OVERRIDES = {"bf16": ({"autocast": "bf16"}, None), "nopack": (None, {"pack": False}), "jac": (None, {"jac_reg": 1.0, "jac_reg_samples": 1}),
+OVERRIDES = {"bf16": ({"autocast": "bf16"}, None), "fp32": ({"autocast": None}, None), "nopack": (None, {"pack": False}),
+             "jac": (None, {"jac_reg": 1.0, "jac_reg_samples": 1}),
              "rho": (None, {"rho_reg": 1.0, "rho_target": 0.9})}
 
 
 def _measure(task_name, preset, steps, peaks, variant, flops, train_step, ceiling=False) -> dict:
     from deqloop.model import autocast_dtype
 
-    model_over, train_over = OVERRIDES.get(variant, (None, None))
+    parts = variant.split("+")  # a combination, e.g. bf16+compile
+    model_over, train_over = {}, {}
+    for part in parts:
+        m_over, t_over = OVERRIDES.get(part, (None, None))
+        model_over.update(m_over or {})
+        train_over.update(t_over or {})
+    model_over, train_over = model_over or None, train_over or None
     task, model, objective, optimizer, cfg, solve_cfg = recipe_parts(task_name, preset, model_over=model_over,
                                                                      train_over=train_over)
     step_dtype = autocast_dtype(model.cfg.autocast, torch.device("cpu")) or torch.float32
     step_dtype = str(step_dtype).removeprefix("torch.")
-    peak = peaks.get(step_dtype, peaks["float32"])  # emulated bf16 (no bf16 peak) against float32
     params = [p for p in model.parameters() if p.requires_grad]
     rng = np.random.default_rng(0)
     difficulties = cfg.train_difficulties or task.train_difficulties
@@ -217,7 +226,7 @@ def _measure(task_name, preset, steps, peaks, variant, flops, train_step, ceilin
         return train_step(objective, optimizer, params, batches[i], generator, cfg.lr, cfg.grad_clip)
 
     model.train()
-    if variant == "compile":
+    if "compile" in parts:
         model.compile_block()
     t0 = time.perf_counter()
     step(0)  # warm-up: first-call costs (allocator, kernels; the compilation with --variants compile)
@@ -226,15 +235,20 @@ def _measure(task_name, preset, steps, peaks, variant, flops, train_step, ceilin
         flops = count_flops(lambda: step(1))
     else:
         step(1)
-    peak_bytes = peak_alloc_bytes(lambda: step(2)) if variant != "compile" else float("nan")
+    peak_bytes = peak_alloc_bytes(lambda: step(2)) if "compile" not in parts else float("nan")
+    # The row's own peaks, timed just before and after its steps: this CPU's matmul rate drifted
+    # by 10-15% within one run (169 -> 189 GFLOP/s), more than some of the differences measured
+    row_peaks = {k: matmul_peak(dtype=getattr(torch, k)) for k in peaks}
     times = []
     for i in range(3, 3 + steps):
         t0 = time.perf_counter()
         step(i)
         times.append(time.perf_counter() - t0)
     train_s = statistics.median(times)
+    row_peaks = {k: (v + matmul_peak(dtype=getattr(torch, k))) / 2 for k, v in row_peaks.items()}
+    peak = row_peaks.get(step_dtype, row_peaks["float32"])  # emulated bf16 (no bf16 peak) against float32
     matmul_s, matmul_kinds = float("nan"), []
-    if ceiling and variant != "compile":
+    if ceiling and "compile" not in parts:
         recorder = MatmulCalls()
         with recorder:
             step(3)
@@ -259,23 +273,24 @@ def _measure(task_name, preset, steps, peaks, variant, flops, train_step, ceilin
             "train_step_s": train_s, "train_step_s_all": times, "train_flops": flops,
             "train_gflops": flops / train_s / 1e9, "train_dtype": step_dtype,
             "train_fraction_of_peak": flops / train_s / peak,
-            "train_fraction_of_fp32_peak": flops / train_s / peaks["float32"],
+            "train_fraction_of_fp32_peak": flops / train_s / row_peaks["float32"], "row_peak_flops": row_peaks,
             "train_peak_alloc_mib": peak_bytes / 2 ** 20,
             "train_matmul_s": matmul_s, "train_ceiling_fraction": flops / matmul_s / peak, "train_matmuls": matmul_kinds,
             "eval_difficulty": test_d, "eval_batch": int(test.inputs.shape[0]), "eval_f_evals": evals,
             "eval_s": eval_s, "eval_f_evals_per_s": evals / eval_s, "eval_gflops": eval_flops / eval_s / 1e9,
-            "eval_fraction_of_peak": eval_flops / eval_s / peaks["float32"]}  # solves run in float32
+            "eval_fraction_of_peak": eval_flops / eval_s / row_peaks["float32"]}  # solves run in float32
 
 
 def print_row(r: dict) -> None:
-    compiled = f" (first step {r['warmup_s']:.0f} s)" if r["variant"] == "compile" else ""
+    compiled = f" (first step {r['warmup_s']:.0f} s)" if "compile" in r["variant"].split("+") else ""
     low = r["train_dtype"] != "float32"
     fp32 = f" ({r['train_fraction_of_fp32_peak']:.2f} of fp32)" if low else ""
     ceiling = (f" | its products alone {r['train_matmul_s'] * 1e3:.1f} ms, ceiling {r['train_ceiling_fraction']:.2f} of peak"
                if r["train_matmul_s"] == r["train_matmul_s"] else "")
-    print(f"{r['task']:>11} {r['preset']:<7} {r['variant']:<7} train {r['train_step_s'] * 1e3:7.1f} ms/step "
+    print(f"{r['task']:>11} {r['preset']:<7} {r['variant']:<12} train {r['train_step_s'] * 1e3:7.1f} ms/step "
           f"{r['train_flops'] / 1e9:6.2f} GFLOP {r['train_gflops']:6.1f} GFLOP/s {r['train_fraction_of_peak']:.2f} "
-          f"of {'bf16 ' if low else ''}peak{fp32} {r['train_peak_alloc_mib']:5.0f} MiB{compiled}{ceiling} | "
+          f"of {'bf16 ' if low else ''}peak{fp32} {r['train_peak_alloc_mib']:5.0f} MiB{compiled}{ceiling} "
+          f"[row peak {' / '.join(f'{v / 1e9:.0f}' for v in r['row_peak_flops'].values())}] | "
           f"eval d={r['eval_difficulty']} "
           f"B={r['eval_batch']} {r['eval_f_evals_per_s']:6.1f} f/s {r['eval_gflops']:5.1f} GFLOP/s "
           f"({r['eval_fraction_of_peak']:.2f})", flush=True)
@@ -290,9 +305,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tasks", default="prefix_sums,sudoku,chess", help="comma-separated (default: %(default)s)")
     p.add_argument("--presets", default="default", help="comma-separated; 'default' is the task's own recipe")
     p.add_argument("--variants", default="eager",
-                   help="comma-separated: eager, compile (train --compile), bf16 (--autocast bf16), unfold (the old "
+                   help="comma-separated: eager, compile (train --compile), bf16 (--autocast bf16), fp32 (--autocast none), unfold (the old "
                         "local attention), sdpa (the old relation attention), jac (--jac-reg 1, one vector), rho (--rho-reg 1), "
-                        "nopack (train --no-pack: mixed lengths padded)")
+                        "nopack (train --no-pack: mixed lengths padded); '+' combines them, e.g. bf16+compile")
     p.add_argument("--steps", type=int, default=5, help="timed training steps per recipe (default: %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--ceiling", action="store_true",
@@ -300,6 +315,10 @@ def main(argv: list[str] | None = None) -> int:
                         "fraction of peak the step would reach if nothing else cost time")
     p.add_argument("--json", default=None, metavar="PATH", help="also write every number here")
     args = p.parse_args(argv)
+    known = {"eager", "compile", "unfold", "sdpa", *OVERRIDES}
+    unknown = sorted({part for v in args.variants.split(",") for part in v.split("+")} - known)
+    if unknown:
+        p.error(f"unknown variant {unknown[0]!r} (known: {', '.join(sorted(known))})")
     if args.threads:
         torch.set_num_threads(args.threads)
     from tasks import get_task

@@ -234,17 +234,21 @@ class Sudoku(Task):
     # with a learned bias per head and relation and no absolute positions: the rules, not our
     # generator's layout. With this and the loop below, 1500 steps fill 70-89% of bucket-0 grids
     # (docs/TRAINING.md); the old recipe (global attention, 81 learned positions, loss on the last
-    # of 8 iterations) filled 44% of blank cells and no whole grid.
-    model_defaults = {"window": None, "causal": False, "n_positions": 0, "relations": "sudoku_peers"}
+    # of 8 iterations) filled 44% of blank cells and no whole grid. The training steps' matmuls run
+    # in bf16 where the CPU or GPU has native bf16 (autocast auto, as chess): 0.65x a float32 step on
+    # an AVX512-BF16 CPU, the same whole grids (docs/TRAINING.md); float32 elsewhere.
+    model_defaults = {"window": None, "causal": False, "n_positions": 0, "relations": "sudoku_peers",
+                      "autocast": "auto"}
     # Unrolled through 16 iterations of plain iteration with the loss on every iterate (loss
     # along the loop, Yang et al. 2023 / Palm et al. 2018): the last-iterate loss alone left the
     # old 8-iteration recipe at 44% of cells and no whole grid.
     solve_defaults = {"backward": "unroll", "max_iter": 16, "loss_every": 1, "solver": "fixed_point_iter"}
     # 1500 steps at lr 2e-3 (1e-3 reached 77% / 53% whole grids on buckets 0 / 1, 2e-3 89% / 73%):
-    # ~20 min on one CPU thread.
+    # 12-14 min on one thread of an AVX512-BF16 CPU beside another run (19-21 min in float32).
     train_defaults = {"steps": 1500, "lr": 2e-3, "eval_every": 500, "eval_size": 64}
-    # The shipped model (checkpoints/sudoku/): 4x the steps, also trained on bucket 2.
-    presets = {"long": {"train": {"steps": 6000, "warmup_steps": 200, "train_difficulties": (0, 1, 2),
+    # The shipped model (deqloop/models/sudoku/): 4x the steps, also trained on bucket 2, in float32
+    # as it was trained (--autocast auto with it: the default's bf16 steps).
+    presets = {"long": {"model": {"autocast": None}, "train": {"steps": 6000, "warmup_steps": 200, "train_difficulties": (0, 1, 2),
                                   "eval_every": 1000, "eval_size": 128, "ckpt_every": 250}}}
 
     # The loop has several attractors and plain iteration's is the answer; a quasi-Newton step can
