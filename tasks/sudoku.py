@@ -248,7 +248,8 @@ class Sudoku(Task):
     train_defaults = {"steps": 1500, "lr": 2e-3, "eval_every": 500, "eval_size": 64}
     # The shipped model (deqloop/models/sudoku/): 4x the steps, also trained on bucket 2, in float32
     # as it was trained (--autocast auto with it: the default's bf16 steps).
-    presets = {"long": {"model": {"autocast": None}, "train": {"steps": 6000, "warmup_steps": 200, "train_difficulties": (0, 1, 2),
+    presets = {"long": {"model": {"autocast": None},
+                        "train": {"steps": 6000, "warmup_steps": 200, "train_difficulties": (0, 1, 2),
                                   "eval_every": 1000, "eval_size": 128, "ckpt_every": 250}}}
 
     # The loop has several attractors and plain iteration's is the answer; a quasi-Newton step can
