@@ -12,7 +12,7 @@ from tasks import Task
 @dataclass
 class Loaded:
     name: str
-    model: LoopedTransformer  # in eval mode
+    model: LoopedTransformer  # in eval mode (load_model)
     task: Task
     solve: SolveConfig
     difficulties: list[int]
@@ -26,7 +26,6 @@ def load_specs(specs: list[str], default: str | None = None) -> list[Loaded]:
         name, _, own = spec.rpartition(":") if ":" in spec else (spec, "", "")
         ckpt = load_checkpoint(name)
         model, task = load_model(ckpt)
-        model.eval()
         _, solve = configs(ckpt)
         given = own or default
         diffs = ([int(d) for d in given.split(",")] if given

@@ -44,10 +44,11 @@ def phases(model, task, batch, *, tol: float, budget: int, thresholds, m: int) -
     res = torch.stack(res, dim=1)  # (B, budget): residual of the iterate after k evaluations
     conv = (res < tol).any(dim=1)
     steps = torch.where(conv, (res < tol).float().argmax(dim=1) + 1, torch.tensor(budget)).double()
+    def iterate_at(k: torch.Tensor) -> torch.Tensor:  # sample i's iterate after k[i] evaluations
+        return torch.stack([iterates[int(k_i)][i] for i, k_i in enumerate(k)])
+
     # plain iteration's answer, as the solver returns it: the iterate that met tol, else the best one
-    batch_idx = torch.arange(res.shape[0])
-    answer = torch.where(conv, steps.long() - 1, res.argmin(dim=1))
-    plain_z = torch.stack([iterates[int(k)][i] for i, k in zip(batch_idx, answer)])
+    plain_z = iterate_at(torch.where(conv, steps.long() - 1, res.argmin(dim=1)))
     exact = task.exact_match(task.predict(model.head_logits(plain_z), batch.inputs), batch)
     lines = [f"plain: exact {exact.double().mean():.1%}  converged {conv.double().mean():.1%}  evaluations "
              f"{steps.mean():.1f}; on its converged samples, evaluations to residual "
@@ -56,7 +57,7 @@ def phases(model, task, batch, *, tol: float, budget: int, thresholds, m: int) -
     for tau in thresholds:
         hit = res < tau
         switch = torch.where(hit.any(dim=1), hit.float().argmax(dim=1), torch.tensor(budget - 1))
-        start = torch.stack([iterates[int(k)][i] for i, k in zip(batch_idx, switch)])
+        start = iterate_at(switch)
         r = solvers.solve(cell, start, method="anderson", m=m, max_restarts=None, tol=tol, max_iter=budget,
                           stop_mode="rel", subbatch=True)
         total = (switch + r.n_steps).clamp_max(budget).double()

@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import solvers  # noqa: E402
-from deqloop.checkpoint import configs, load_checkpoint, load_model  # noqa: E402
+from bench._checkpoints import load_specs  # noqa: E402
 from deqloop.evaluate import eval_max_iter, test_set  # noqa: E402
 from torchdeq import solver as tdsolver  # noqa: E402
 
@@ -102,8 +102,10 @@ def run_one(model, task, batch, lib, method, options, tol, max_iter) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("checkpoints", nargs="+", help="checkpoint paths or shipped model names")
-    p.add_argument("--difficulties", help="comma-separated (default: the run's test difficulties)")
+    p.add_argument("checkpoints", nargs="+", metavar="CKPT[:D,D]",
+                   help="checkpoint paths or shipped model names, each with its own difficulties after a colon")
+    p.add_argument("--difficulties", help="comma-separated, for a checkpoint given without its own (default: the "
+                                          "run's test difficulties)")
     p.add_argument("--n", type=int, default=64, help="test examples per difficulty (default: 64)")
     p.add_argument("--max-iter", type=int, help="budget of every solver (default: the task's, per difficulty)")
     p.add_argument("--solvers", help="comma-separated labels of SOLVERS (default: all)")
@@ -114,15 +116,11 @@ def main(argv=None) -> int:
     chosen = [s for s in SOLVERS if not args.solvers or s[0] in args.solvers.split(",")]
     rows = []
     torch.set_grad_enabled(False)
-    for name in args.checkpoints:
-        ckpt = load_checkpoint(name)
-        model, task = load_model(ckpt)
-        _, solve = configs(ckpt)
-        d_model = ckpt["model_config"]["d_model"]
-        diffs = ([int(d) for d in args.difficulties.split(",")] if args.difficulties
-                 else list(ckpt["train_config"].get("test_difficulties") or task.test_difficulties))
+    for run in load_specs(args.checkpoints, args.difficulties):
+        name, model, task, solve = run.name, run.model, run.task, run.solve
+        d_model = model.cfg.d_model
         tol = args.tol or solve.tol
-        for d in diffs:
+        for d in run.difficulties:
             batch = test_set(task, d, args.n)
             budget = args.max_iter or eval_max_iter(task, solve, d)
             for label, lib, method, options in chosen:

@@ -202,7 +202,7 @@ def write_report(spec: GridSpec, summary: dict, out_dir: str | Path, root_label:
 
 def _flag(change: str) -> str:
     """A spec_changes entry as the grid command's flag: iters=... is --iters, the rest --set."""
-    return f" --iters {change[6:]}" if change.startswith("iters=") else f" --set {change}"
+    return f" --iters {change.removeprefix('iters=')}" if change.startswith("iters=") else f" --set {change}"
 
 
 def markdown(summary: dict, figures: list[str]) -> str:
@@ -214,7 +214,7 @@ def markdown(summary: dict, figures: list[str]) -> str:
     lines = [f"# Grid: {task}", "",
              f"Written by `python cli.py grid {task}{''.join(_flag(c) for c in changes if '=' in c)}` (or `--report-only`); {summary['n_done']} of {summary['n_cells']} cells "
              f"done (settings fingerprint `{summary['fingerprint']}`).", "",
-             f"Size: {summary['note']}" + "".join(f" (budgets here: {c[6:]}, `--iters`)" for c in changes
+             f"Size: {summary['note']}" + "".join(f" (budgets here: {c.removeprefix('iters=')}, `--iters`)" for c in changes
                                                  if c.startswith("iters=")) + "." if summary["note"] else "", "",
              *([f"Settings over the grid's: {', '.join(f'`{c}`' for c in changes)}.", ""] if changes else []),
              f"Metric: {metric}. Values in %, mean ± standard deviation over seeds (a diverged run counts as 0; "
